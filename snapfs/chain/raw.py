@@ -1,0 +1,96 @@
+"""A raw image: the guest content is the file, byte for byte."""
+
+from __future__ import annotations
+
+import os
+
+from snapfs.chain.extent import DATA, Extent, zeros
+from snapfs.errors import Invalid, ReadOnly
+from snapfs.io import BlockFile, Lock
+
+ZERO_CHUNK = 1 << 20
+
+
+class RawImage:
+    format = "raw"
+    backing = None
+    backing_name = None
+
+    def __init__(self, f: BlockFile, size: int):
+        self.f = f
+        self.path = f.path
+        self.size = size
+        self.writable = f.writable
+        self.lock = Lock()
+        self._dirty = False
+
+    @classmethod
+    async def open(cls, path: str, *, writable: bool = False) -> "RawImage":
+        f = await BlockFile.open(path, writable=writable)
+        return cls(f, await f.size())
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise Invalid(f"range {offset}+{length} outside the image ({self.size} bytes)")
+
+    async def map(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length)
+        return [Extent(DATA, offset, length, offset)] if length else []
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        data = await self.f.pread(offset, length)
+        if len(data) < length:
+            data += zeros(length - len(data))
+        return data
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.path} is open read-only")
+        self._check(offset, length)
+
+    async def write(self, offset: int, data) -> None:
+        self._check_write(offset, len(data))
+        await self.f.pwrite(offset, data)
+        self._dirty = True
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_write(offset, length)
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            await self.f.pwrite(offset, zeros(n))
+            offset += n
+        self._dirty = True
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.write_zeroes(offset, length, unmap=True)
+
+    async def resize(self, size: int) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.path} is open read-only")
+        if size < self.size:
+            raise Invalid("shrinking an image is not supported")
+        await self.f.truncate(size)
+        self.size = size
+        self._dirty = True
+
+    async def flush(self) -> None:
+        if self.writable and self._dirty:
+            await self.f.fdatasync()
+            self._dirty = False
+
+    async def allocated(self) -> int:
+        st = await self.f.stat()
+        return st.st_blocks * 512
+
+    async def close(self) -> None:
+        if self.f.closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            await self.f.close()
+
+    def __repr__(self) -> str:
+        return f"<RawImage {os.path.basename(self.path)} {self.size}>"

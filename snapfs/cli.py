@@ -1,0 +1,126 @@
+"""The ``snapfs`` command line (CONTRACT.md section 4): tools that need no mount."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import trio
+
+from snapfs.chain.chain import open_chain
+from snapfs.chain.check import check_image
+from snapfs.chain.extent import zeros
+from snapfs.chain.image import probe_format
+from snapfs.errors import SnapfsError, from_oserror
+
+CHUNK = 8 << 20
+
+
+class Progress:
+    """A one-line progress meter on stderr, shown only when asked for."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = max(total, 1)
+        self.last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last > 0.2):
+            self.last = now
+            sys.stderr.write(f"\r    ({100.0 * done / self.total:6.2f}/100%)")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.update(self.total, force=True)
+            sys.stderr.write("\n")
+
+
+async def convert(src: str, dst: str, fmt: str | None, progress: bool) -> None:
+    """Write the guest content of ``src`` (through its chain) to ``dst`` as sparse raw."""
+    img = await open_chain(src, fmt)
+    try:
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise from_oserror(exc, f"cannot create {dst}") from None
+        try:
+            meter = Progress(progress, img.size)
+            pos = 0
+            while pos < img.size:
+                n = min(CHUNK, img.size - pos)
+                data = await img.read(pos, n)
+                if data != zeros(n):
+                    os.pwrite(fd, data, pos)
+                pos += n
+                meter.update(pos)
+            os.ftruncate(fd, img.size)
+            os.fsync(fd)
+            meter.finish()
+        except OSError as exc:
+            raise from_oserror(exc, f"writing {dst}") from None
+        finally:
+            os.close(fd)
+    finally:
+        await img.close()
+
+
+async def check(paths: list[str], fmt: str | None, repair: bool) -> int:
+    worst = 0
+    rank = {0: 0, 3: 1, 2: 2, 1: 3}
+    for path in paths:
+        try:
+            f = fmt or await probe_format(path)
+            res = await check_image(path, f, repair="leaks" if repair else None)
+        except SnapfsError as exc:
+            print(f"snapfs check: {path}: {exc.message}", file=sys.stderr)
+            code = 1
+        else:
+            for m in res.messages:
+                print(m)
+            if res.leaks_fixed:
+                print(f"{res.leaks_fixed} leaked clusters were repaired.")
+            if res.corruptions:
+                print(f"{path}: {res.corruptions} errors were found on the image.")
+            elif res.leaks:
+                print(f"{path}: {res.leaks} leaked clusters were found on the image.")
+            else:
+                print(f"{path}: no errors were found on the image.")
+            code = res.exit_code
+        if rank[code] > rank[worst]:
+            worst = code
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="snapfs", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("convert", help="write an image's guest content as a sparse raw file")
+    p.add_argument("-f", dest="fmt", choices=("raw", "qcow2"))
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("image")
+    p.add_argument("output")
+    p = sub.add_parser("check", help="check images for corruption and leaked clusters")
+    p.add_argument("-f", dest="fmt", choices=("raw", "qcow2"))
+    p.add_argument("--repair", action="store_true", help="free leaked clusters")
+    p.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "convert":
+            trio.run(convert, args.image, args.output, args.fmt, args.progress)
+            return 0
+        return trio.run(check, args.images, args.fmt, args.repair)
+    except SnapfsError as exc:
+        print(f"snapfs {args.cmd}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

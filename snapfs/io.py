@@ -1,0 +1,160 @@
+"""The engine's I/O seam: every byte snapfs reads or writes on the share passes through here.
+
+One policy, in one place (DESIGN.md, Concurrency): a call that cannot block on the network runs
+inline in the calling trio task (a local-disk share); anything else goes through a worker thread
+under a bounded limiter, so a stalled share never freezes the loop.  The engine itself never
+imports trio; it takes its lock type from here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import trio
+
+from snapfs.errors import from_oserror
+
+log = logging.getLogger(__name__)
+
+Lock = trio.Lock
+Event = trio.Event
+
+#: File systems whose calls can wait on a network or another process.
+_REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
+
+_LIMITER: trio.lowlevel.RunVar = trio.lowlevel.RunVar("snapfs_io_limiter")
+THREADS = 16
+
+
+def _limiter() -> trio.CapacityLimiter:
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(THREADS)
+        _LIMITER.set(lim)
+        return lim
+
+
+def fs_type(path: str) -> str:
+    """The type of the file system holding ``path``, from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].replace("\\040", " ")
+                ftype = right.split()[0]
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, best_type = mnt, ftype
+    except OSError:
+        pass
+    return best_type
+
+
+def inline_policy(path: str) -> bool:
+    """True when calls on files under ``path`` cannot block on the network.
+
+    ``SNAPFS_IO=thread`` or ``SNAPFS_IO=inline`` overrides the detection (tests, benchmarks).
+    """
+    forced = os.environ.get("SNAPFS_IO")
+    if forced in ("thread", "inline"):
+        return forced == "inline"
+    ftype = fs_type(path)
+    return not (ftype in _REMOTE_FS or ftype.startswith("fuse"))
+
+
+class BlockFile:
+    """An open file on the share with positional I/O only (never a shared file offset)."""
+
+    def __init__(self, path: str, fd: int, writable: bool, inline: bool):
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+        self.inline = inline
+        self.closed = False
+
+    @classmethod
+    async def open(cls, path: str, *, writable: bool = False, create: bool = False,
+                   mode: int = 0o660, inline: bool | None = None) -> "BlockFile":
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        if inline is None:
+            inline = inline_policy(os.path.dirname(os.path.abspath(path)) or ".")
+        fd = await _call(inline, f"open {path}", os.open, path, flags, mode)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, writable, inline)
+
+    async def _run(self, what: str, fn, *args):
+        return await _call(self.inline, f"{what} {self.path}", fn, *args)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes; shorter only at end of file."""
+        if length <= 0:
+            return b""
+        data = await self._run("read", os.pread, self.fd, length, offset)
+        if len(data) < length:
+            # A short read not at EOF (signals, some network file systems): finish it.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = await self._run("read", os.pread, self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        return data
+
+    async def pwrite(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = await self._run("write", os.pwrite, self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    async def fsync(self) -> None:
+        await self._run("fsync", os.fsync, self.fd)
+
+    async def fdatasync(self) -> None:
+        await self._run("fdatasync", os.fdatasync, self.fd)
+
+    async def truncate(self, size: int) -> None:
+        await self._run("truncate", os.ftruncate, self.fd, size)
+
+    async def size(self) -> int:
+        st = await self._run("stat", os.fstat, self.fd)
+        return st.st_size
+
+    async def stat(self) -> os.stat_result:
+        return await self._run("stat", os.fstat, self.fd)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+async def _call(inline: bool, what: str, fn, *args):
+    try:
+        if inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=_limiter())
+    except OSError as exc:
+        raise from_oserror(exc, what) from None
+
+
+async def run_blocking(inline: bool, what: str, fn, *args):
+    """Run a blocking call on the share (rename, unlink, fsync of a directory...)."""
+    return await _call(inline, what, fn, *args)
