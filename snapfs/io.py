@@ -14,7 +14,7 @@ import stat
 
 import trio
 
-from snapfs.errors import from_oserror
+from snapfs.errors import Invalid, from_oserror
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class BlockFile:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(f"{path} is not a regular file")
+                raise Invalid(f"{path} is not a regular file")
+            if create and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)  # the share's policy, whatever the umask
         except BaseException:
             os.close(fd)
             raise
