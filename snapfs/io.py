@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 Lock = trio.Lock
 Event = trio.Event
+Semaphore = trio.Semaphore
+Cancelled = trio.Cancelled
+open_nursery = trio.open_nursery
+CancelScope = trio.CancelScope
 
 #: File systems whose calls can wait on a network or another process.
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
@@ -160,3 +164,73 @@ async def _call(inline: bool, what: str, fn, *args):
 async def run_blocking(inline: bool, what: str, fn, *args):
     """Run a blocking call on the share (rename, unlink, fsync of a directory...)."""
     return await _call(inline, what, fn, *args)
+
+
+class Gate:
+    """Many I/O requests at once, or one chain switch alone.
+
+    Guest reads and writes pass through ``shared()``; taking a snapshot or switching the
+    active image takes ``exclusive()``, which waits for requests in flight to finish and holds
+    new ones back until the switch is done (a pause of milliseconds)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.closed = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self._open = trio.Event()
+        self._open.set()
+        self._switch = trio.Lock()
+
+    def shared(self) -> "_Shared":
+        return _Shared(self)
+
+    async def _enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self.active += 1
+        if self.active == 1:
+            self._idle = trio.Event()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    def exclusive(self) -> "_Exclusive":
+        return _Exclusive(self)
+
+
+class _Shared:
+    def __init__(self, gate: Gate):
+        self.gate = gate
+
+    async def __aenter__(self):
+        await self.gate._enter()
+
+    async def __aexit__(self, *exc):
+        self.gate._leave()
+
+
+class _Exclusive:
+    def __init__(self, gate: Gate):
+        self.gate = gate
+
+    async def __aenter__(self):
+        g = self.gate
+        await g._switch.acquire()
+        g._open = trio.Event()
+        await g._idle.wait()
+
+    async def __aexit__(self, *exc):
+        g = self.gate
+        g._open.set()
+        g._switch.release()
+
+
+async def sleep(seconds: float) -> None:
+    await trio.sleep(seconds)
+
+
+def current_time() -> float:
+    return trio.current_time()

@@ -22,8 +22,9 @@ from snapfs.chain import extent as ex
 from snapfs.chain.extent import Extent, zeros
 from snapfs.chain.format import (
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
-    EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, Header, Snapshot, l1_entries_for, parse_snapshots)
+    EXT_BACKING_FORMAT, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, Header, Snapshot, encode_extension, l1_entries_for,
+    parse_snapshots)
 from snapfs.chain.refcount import Refcounts
 from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
 from snapfs.io import BlockFile, Event, Lock
@@ -160,6 +161,23 @@ class Qcow2Image:
             self.h.incompatible_features &= ~INCOMPAT_DIRTY
             await self._write_header()
             self.dirty_on_disk = False
+
+    async def set_backing_file(self, name: str, fmt: str) -> None:
+        """Rewrite the backing file name and format in the header (``qemu-img rebase -u``)."""
+        h = self.h
+        exts = b"".join(encode_extension(t, d) for t, d in
+                        [(EXT_BACKING_FORMAT, fmt.encode())] + h.extensions)
+        exts += bytes(8)  # end of extensions
+        raw = name.encode()
+        if h.header_length + len(exts) + len(raw) > self.cs or len(raw) > 1023:
+            raise Invalid("the backing file name does not fit in the header")
+        async with self.lock:
+            h.backing_file_offset = h.header_length + len(exts)
+            h.backing_file_size = len(raw)
+            await self.f.pwrite(0, h.encode_fixed() + exts + raw)
+            await self.f.fsync()
+            h.backing_file, h.backing_format = name, fmt
+            self.backing_name = name
 
     # -- tables --------------------------------------------------------------------------
 

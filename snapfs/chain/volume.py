@@ -1,0 +1,237 @@
+"""An open volume: its chain of images, guest I/O on the active image, and the chain switches
+that snapshots, merges and reverts make while guest I/O goes on.
+
+Guest reads and writes pass the volume's ``gate`` shared; a switch of the active image takes it
+exclusively for milliseconds.  Operations that change the chain hold ``lock`` (one at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from snapfs.chain import extent as ex
+from snapfs.chain.catalog import PREFIX, Share, base_name, is_chain_name
+from snapfs.chain.chain import open_chain
+from snapfs.chain.image import Image, open_image
+from snapfs.chain.qcow2 import Qcow2Image
+from snapfs.errors import Corrupt, Invalid, NoSpace
+from snapfs.io import Gate, Lock
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 4 << 20
+
+
+class Volume:
+    def __init__(self, share: Share, vid: str):
+        self.share = share
+        self.vid = vid
+        self.gate = Gate()
+        self.lock = Lock()
+        self.images: list[Image] = []  # bottom (base) .. top (active)
+        self.users = 0
+        self.mirror: list[tuple[int, int]] | None = None  # writes recorded during a merge
+        self.failed: str | None = None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def allow_backing(self, image_name: str, backing_name: str) -> None:
+        """A volume's chain holds only that volume's files (CONTRACT.md section 1)."""
+        if not is_chain_name(self.vid, backing_name):
+            raise Corrupt(f"{image_name} backs onto {backing_name!r}, a file of another volume")
+
+    async def open(self, active: str, active_format: str) -> None:
+        top = await open_chain(self.share.path(active), active_format, writable=True,
+                               allow_backing=self.allow_backing)
+        chain = []
+        img = top
+        while img is not None:
+            chain.append(img)
+            img = img.backing
+        chain.reverse()
+        if os.path.basename(chain[0].path) != base_name(self.vid):
+            await top.close()
+            raise Corrupt(f"the chain of volume {self.vid} does not end at its base file")
+        self.images = chain
+
+    async def close(self) -> None:
+        if self.images:
+            top = self.images[-1]
+            self.images = []
+            await top.close()
+
+    @property
+    def top(self) -> Image:
+        return self.images[-1]
+
+    @property
+    def size(self) -> int:
+        return self.top.size
+
+    def names(self) -> list[str]:
+        return [os.path.basename(i.path) for i in self.images]
+
+    def image(self, name: str) -> Image:
+        for img in self.images:
+            if os.path.basename(img.path) == name:
+                return img
+        raise Corrupt(f"{name} is not in the chain of volume {self.vid}")
+
+    def below(self, name: str) -> Image:
+        """The image a file backs onto: a snapshot's point-in-time content."""
+        names = self.names()
+        i = names.index(name) if name in names else -1
+        if i <= 0:
+            raise Corrupt(f"{name} has nothing below it in volume {self.vid}")
+        return self.images[i - 1]
+
+    # -- guest I/O -------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        async with self.gate.shared():
+            top = self.top
+            end = min(offset + length, top.size)
+            if offset >= end:
+                return b""
+            return await top.read(offset, end - offset)
+
+    async def write(self, offset: int, data) -> None:
+        async with self.gate.shared():
+            top = self.top
+            if offset + len(data) > top.size:
+                raise NoSpace("write past the end of the volume")
+            await top.write(offset, data)
+            if self.mirror is not None:
+                self.mirror.append((offset, len(data)))
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        async with self.gate.shared():
+            top = self.top
+            if offset + length > top.size:
+                raise NoSpace("write past the end of the volume")
+            await top.write_zeroes(offset, length, unmap)
+            if self.mirror is not None:
+                self.mirror.append((offset, length))
+
+    async def flush(self) -> None:
+        async with self.gate.shared():
+            await self.top.flush()
+
+    async def resize(self, size: int) -> None:
+        async with self.gate.shared():
+            await self.top.resize(size)
+
+    # -- chain switches --------------------------------------------------------------------
+
+    async def push_overlay(self, name: str) -> None:
+        """Freeze the active image and put a new empty overlay on top (a snapshot)."""
+        from snapfs.chain.image import create_qcow2
+        async with self.gate.exclusive():
+            top = self.top
+            await top.flush()
+            path = self.share.path(name)
+            await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
+                               backing_format=top.format, mode=self.share.file_mode,
+                               cluster_size=_cluster_size(top))
+            try:
+                new = await open_image(path, "qcow2", writable=True)
+            except BaseException:
+                os.unlink(path)
+                raise
+            new.backing = top
+            top.writable = False
+            self.images.append(new)
+
+    async def commit_down(self, name: str, on_progress=None) -> None:
+        """Merge file ``name`` into the image below it and drop it from the chain.
+
+        The data ``name`` holds is copied down while guest I/O continues; the image above it
+        (or the guest, if ``name`` is active) is then pointed at the image below."""
+        i = self.names().index(name)
+        if i == 0:
+            raise Invalid("the base file cannot be merged down")
+        upper, lower_ro = self.images[i], self.images[i - 1]
+        active = upper is self.top
+        lower = await open_image(lower_ro.path, lower_ro.format, writable=True)
+        lower.backing = lower_ro.backing
+        try:
+            if lower.size < upper.size:
+                await lower.resize(upper.size)
+            if active:
+                self.mirror = []
+            await copy_own_runs(upper, lower, None, on_progress)
+            if active:
+                # Copy what the guest wrote meanwhile, until little is left.
+                for _ in range(8):
+                    pending, self.mirror = self.mirror, []
+                    if sum(n for _, n in pending) < (1 << 20):
+                        self.mirror = pending + self.mirror
+                        break
+                    await copy_own_runs(upper, lower, pending, None)
+            async with self.gate.exclusive():
+                if active:
+                    pending, self.mirror = self.mirror or [], None
+                    await copy_own_runs(upper, lower, pending, None)
+                await lower.flush()
+                if i + 1 < len(self.images):
+                    child = self.images[i + 1]
+                    await set_backing(child, lower)
+                    child.backing = lower
+                await lower_ro.f.close()  # replaced by ``lower``; its backing stays in use
+                self.images[i - 1] = lower
+                del self.images[i]
+                if not active:
+                    lower.writable = False
+            upper.backing = None
+            await upper.close()
+        except BaseException:
+            self.mirror = None
+            if lower not in self.images:
+                lower.backing = None
+                await lower.close()
+            raise
+
+
+def _cluster_size(img: Image) -> int:
+    return img.cs if isinstance(img, Qcow2Image) else 65536
+
+
+async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
+    """Copy what ``src`` itself holds (not its backing) into ``dst`` at the same offsets."""
+    if ranges is None:
+        ranges = [(0, src.size)]
+    total = sum(n for _, n in ranges) or 1
+    done = 0
+    for start, length in ranges:
+        end = min(start + length, src.size)
+        pos = start
+        while pos < end:
+            n = min(COPY_CHUNK, end - pos)
+            for kind, off, ln, _host in await own_map(src, pos, n):
+                if kind == ex.UNALLOC:
+                    continue
+                if kind == ex.ZERO:
+                    await dst.write_zeroes(off, ln)
+                else:
+                    await dst.write(off, await src.read(off, ln))
+            pos += n
+            done += n
+            if on_progress:
+                on_progress(done, total)
+
+
+async def own_map(img: Image, offset: int, length: int) -> list[ex.Extent]:
+    """Runs of ``img`` itself; a raw image holds everything."""
+    return await img.map(offset, length)
+
+
+async def set_backing(img: Image, backing: Image) -> None:
+    """Point ``img``'s header at another backing file (``qemu-img rebase -u``)."""
+    if not isinstance(img, Qcow2Image):
+        raise Corrupt(f"{img.path} is not a qcow2 overlay")
+    await img.set_backing_file(os.path.basename(backing.path), backing.format)
+
+
+def is_volume_file(name: str) -> bool:
+    return name.startswith(PREFIX)
