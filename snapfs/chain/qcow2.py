@@ -25,6 +25,7 @@ from snapfs.chain.format import (
     EXT_BACKING_FORMAT, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO, Header, Snapshot, encode_extension, l1_entries_for,
     parse_snapshots)
+from snapfs.chain.locks import lock_for_writing
 from snapfs.chain.refcount import Refcounts
 from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
 from snapfs.io import BlockFile, Event, Lock
@@ -119,6 +120,7 @@ class Qcow2Image:
             raise Corrupt(f"L2 table at 0x{off:x} lies beyond the end of the file")
 
     async def _open_for_writing(self) -> None:
+        lock_for_writing(self.f.fd, os.path.basename(self.path))
         h = self.h
         if h.incompatible_features & INCOMPAT_CORRUPT:
             raise Corrupt(f"{os.path.basename(self.path)} is marked corrupt; refusing to write")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from snapfs.chain.extent import DATA, Extent, zeros
+from snapfs.chain.locks import lock_for_writing
 from snapfs.errors import Invalid, ReadOnly
 from snapfs.io import BlockFile, Lock
 
@@ -27,7 +28,13 @@ class RawImage:
     @classmethod
     async def open(cls, path: str, *, writable: bool = False) -> "RawImage":
         f = await BlockFile.open(path, writable=writable)
-        return cls(f, await f.size())
+        try:
+            if writable:
+                lock_for_writing(f.fd, os.path.basename(path))
+            return cls(f, await f.size())
+        except BaseException:
+            await f.close()
+            raise
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
