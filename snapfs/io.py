@@ -159,6 +159,13 @@ async def _call(inline: bool, what: str, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=_limiter())
     except OSError as exc:
         raise from_oserror(exc, what) from None
+    except OverflowError:
+        raise Invalid(f"{what}: offset out of range") from None
+
+
+async def checkpoint() -> None:
+    """Let other tasks run (and cancellation reach us) inside a long loop."""
+    await trio.lowlevel.checkpoint()
 
 
 async def run_blocking(inline: bool, what: str, fn, *args):

@@ -18,6 +18,7 @@ from snapfs.chain.format import (
     snapshot_table_length)
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.errors import Corrupt, SnapfsError
+from snapfs.io import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ async def _l2_references(img: Qcow2Image, res: CheckResult, off: int) -> list[in
     esize = img.esize
     for i in range(len(table) // esize):
         entry = struct.unpack_from(">Q", table, i * esize)[0]
-        if not entry:
+        if not entry and not (img.ext and table[i * esize + 8:i * esize + 16] != bytes(8)):
             continue
         if entry & OFLAG_COMPRESSED:
             if entry & OFLAG_COPIED:
@@ -192,6 +193,13 @@ async def _l2_references(img: Qcow2Image, res: CheckResult, off: int) -> list[in
             refs.extend(range(first, first + n))
             continue
         host = entry & OFFSET_MASK
+        if img.ext:
+            bitmap = struct.unpack_from(">Q", table, i * esize + 8)[0]
+            alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
+            if alloc & zero:
+                res.corrupt(f"L2 table 0x{off:x} entry {i}: subclusters both allocated and zero")
+            if alloc and not host:
+                res.corrupt(f"L2 table 0x{off:x} entry {i}: allocated subclusters without a cluster")
         if not host:
             continue
         if host & (img.cs - 1):
@@ -228,21 +236,49 @@ async def _count_bitmaps(img: Qcow2Image, res: CheckResult, add_range) -> None:
 
 
 async def _compare(img: Qcow2Image, res: CheckResult, counts: _Counts, fix: str | None) -> int:
-    """Compare stored and expected refcounts; with ``fix``, set stored ones right."""
+    """Compare stored and expected refcounts; with ``fix``, set stored ones right.
+
+    Work stays bounded on hostile images: every cluster of the file is compared, beyond the
+    file only clusters something refers to or that a (distinct) refcount block counts."""
     refs = img.refs
     per = refs.per_block
-    end = max(counts.end(), refs.end_cluster)
+    inside = len(counts.arr)
+    beyond: dict[int, list[int]] = {}
+    for c in counts.beyond:
+        beyond.setdefault(c // per, []).append(c)
+    bis = set(range(-(-inside // per))) | set(beyond)
+    bis |= {bi for bi, off in enumerate(refs.table) if off}
+    seen_blocks: set[int] = set()
     fixed = 0
-    for bi in range(-(-end // per)):
-        blk = await refs.block(bi) if bi < len(refs.table) else None
+    for n, bi in enumerate(sorted(bis)):
+        if n % 64 == 0:
+            await checkpoint()
+        blk = None
+        if bi < len(refs.table) and refs.table[bi]:
+            try:
+                blk = await refs.block(bi)
+            except SnapfsError as exc:
+                res.corrupt(exc.message)
         base = bi * per
-        for i in range(min(per, end - base)):
-            ci = base + i
+        duplicate = blk is not None and blk.offset in seen_blocks
+        if blk is not None:
+            seen_blocks.add(blk.offset)
+        if base + per <= inside and blk is not None and _same(blk, counts, base, per):
+            continue
+        if base >= inside:
+            idx = set(beyond.get(bi, []))
+            if blk is not None and not duplicate and any(blk.data):
+                idx |= {base + i for i in range(per) if blk.get(i)}
+            candidates = sorted(idx)
+        else:
+            candidates = range(base, min(base + per, inside))
+            candidates = list(candidates) + sorted(beyond.get(bi, []))
+        for ci in candidates:
+            i = ci - base
             stored = blk.get(i) if blk is not None else 0
             want = counts.get(ci)
             if stored == want:
                 continue
-            off = ci << img.cbits
             if stored > want:
                 res.leaks += 1
                 if len([m for m in res.messages if m.startswith("Leaked")]) < 10:
@@ -252,7 +288,8 @@ async def _compare(img: Qcow2Image, res: CheckResult, counts: _Counts, fix: str 
                     refs.dirty.add(bi)
                     fixed += 1
             else:
-                res.corrupt(f"cluster {ci} (0x{off:x}) refcount={stored} reference={want}")
+                res.corrupt(f"cluster {ci} (0x{ci << img.cbits:x}) refcount={stored} "
+                            f"reference={want}")
                 if fix == "all":
                     if blk is None:
                         blk = await _new_block(img, bi)
@@ -260,6 +297,15 @@ async def _compare(img: Qcow2Image, res: CheckResult, counts: _Counts, fix: str 
                     refs.dirty.add(bi)
                     fixed += 1
     return fixed
+
+
+def _same(blk, counts: _Counts, base: int, per: int) -> bool:
+    """Fast path: a whole block whose stored refcounts equal the expected ones."""
+    want = counts.arr[base:base + per]
+    if blk.bits in (8, 16, 32, 64):
+        code = {8: "B", 16: "H", 32: "I", 64: "Q"}[blk.bits]
+        return list(struct.unpack(f">{per}{code}", blk.data)) == want.tolist()
+    return all(blk.get(i) == want[i] for i in range(per))
 
 
 async def _new_block(img: Qcow2Image, bi: int):

@@ -121,6 +121,7 @@ class Qcow2Image:
 
     async def _open_for_writing(self) -> None:
         lock_for_writing(self.f.fd, os.path.basename(self.path))
+        self.refs.meta = await self._metadata_clusters()
         h = self.h
         if h.incompatible_features & INCOMPAT_CORRUPT:
             raise Corrupt(f"{os.path.basename(self.path)} is marked corrupt; refusing to write")
@@ -139,6 +140,48 @@ class Qcow2Image:
             from snapfs.chain.check import check_and_repair
             lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS) or self.dirty_on_disk
             await check_and_repair(self, "all" if lazy else "leaks")
+
+    async def _metadata_clusters(self) -> set[int]:
+        """Every cluster holding metadata; overlapping structures make the image unwritable
+        (QEMU's overlap check): a guest write must never land on a table."""
+        meta: set[int] = set()
+        cbits, cs = self.cbits, self.cs
+
+        def claim(off: int, length: int, what: str) -> None:
+            if length <= 0:
+                return
+            for c in range(off >> cbits, ((off + length - 1) >> cbits) + 1):
+                if c in meta:
+                    raise Corrupt(f"{what} at 0x{off:x} overlaps other metadata")
+                meta.add(c)
+
+        h = self.h
+        claim(0, cs, "the header")
+        claim(h.l1_table_offset, h.l1_size * 8, "the L1 table")
+        claim(h.refcount_table_offset, h.refcount_table_clusters * cs, "the refcount table")
+        for off in self.refs.table:
+            if not off:
+                continue
+            if off >= self.file_size:
+                raise Corrupt(f"refcount block at 0x{off:x} lies beyond the end of the file")
+            claim(off, cs, "a refcount block")
+        for snap in self.snapshots:
+            claim(snap.l1_table_offset, snap.l1_size * 8, "a snapshot L1 table")
+        if h.nb_snapshots:
+            meta.add(h.snapshots_offset >> cbits)
+        for e in self.l1:
+            off = e & OFFSET_MASK
+            if off:
+                claim(off, cs, "an L2 table")
+        return meta
+
+    def _check_data_write(self, host: int, length: int) -> None:
+        meta = self.refs.meta
+        if meta is None:
+            return
+        for c in range(host >> self.cbits, ((host + length - 1) >> self.cbits) + 1):
+            if c in meta:
+                raise Corrupt(f"refusing a data write onto metadata at 0x{c << self.cbits:x}")
 
     # -- header --------------------------------------------------------------------------
 
@@ -487,6 +530,7 @@ class Qcow2Image:
         else:
             table = bytearray(self.cs)
         new = await self.refs.alloc(1)
+        self.refs._claim(new >> self.cbits)
         self.l2_cache[new] = table
         self.l2_dirty.add(new)
         self.l1[l1i] = new | OFLAG_COPIED
@@ -495,6 +539,8 @@ class Qcow2Image:
 
     async def _pwrite_all(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
         """Issue the data writes, merging those that continue each other on the host."""
+        for host, data in writes:
+            self._check_data_write(host, len(data))
         i = 0
         while i < len(writes):
             host, data = writes[i]
@@ -619,6 +665,8 @@ class Qcow2Image:
         await self._flush()
         clusters = -(-needed * 8 // self.cs)
         new_off = await self.refs.alloc(clusters)
+        for c in range(new_off >> self.cbits, (new_off >> self.cbits) + clusters):
+            self.refs._claim(c)
         table = self.l1 + [0] * (clusters * self.cs // 8 - len(self.l1))
         await self._set_dirty_bit()
         await self.refs.write_blocks()
@@ -634,6 +682,7 @@ class Qcow2Image:
         if old_n:
             first = old_off >> self.cbits
             for c in range(first, first + (-(-old_n * 8 // self.cs))):
+                self.refs.meta.discard(c)
                 await self.refs.add(c, -1)
 
     # -- flushing ------------------------------------------------------------------------

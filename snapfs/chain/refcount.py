@@ -11,7 +11,9 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 
-from snapfs.chain.format import OFFSET_MASK, REFT_RESERVED, Header
+from snapfs.chain.format import REFT_RESERVED, Header
+
+MAX_OFFSET = 1 << 56
 from snapfs.errors import Corrupt
 from snapfs.io import BlockFile
 
@@ -89,6 +91,9 @@ class Refcounts:
         self.free_hint = 0
         self.end_cluster = -(-file_size // self.cs)
         self._write_reftable_header = write_reftable_header
+        #: Clusters holding metadata; filled by the image when opened for writing.  The
+        #: allocator refuses to hand them out even if refcounts claim they are free.
+        self.meta: set[int] | None = None
 
     @property
     def capacity(self) -> int:
@@ -113,6 +118,8 @@ class Refcounts:
         if bi >= len(self.table) or self.table[bi] == 0:
             return None
         off = self.table[bi]
+        if off >= MAX_OFFSET:
+            raise Corrupt(f"refcount block {bi} offset 0x{off:x} is out of range")
         data = await self.f.pread(off, self.cs)
         if len(data) < self.cs:
             raise Corrupt(f"refcount block at 0x{off:x} lies beyond the end of the file")
@@ -154,6 +161,7 @@ class Refcounts:
             blk = await self.block(bi)
             if blk is None:
                 # No block covers this region yet: the new block describes itself, at ``ci``.
+                self._claim(ci)
                 blk = RefcountBlock(bytearray(self.cs), self.bits, ci << self.cbits)
                 blk.set(i, 1)
                 self.blocks[bi] = blk
@@ -181,6 +189,9 @@ class Refcounts:
                 ci += 1
                 run_start, run_len = ci, 0
         for c in range(run_start, run_start + n):
+            if self.meta is not None and c in self.meta:
+                raise Corrupt(f"refcounts claim metadata cluster 0x{c << self.cbits:x} is free")
+        for c in range(run_start, run_start + n):
             bi, i = divmod(c, self.per_block)
             blk = self.blocks[bi]
             blk.set(i, 1)
@@ -189,6 +200,13 @@ class Refcounts:
             self.free_hint = run_start + n
         self.end_cluster = max(self.end_cluster, run_start + n)
         return run_start << self.cbits
+
+    def _claim(self, ci: int) -> None:
+        """Record a new metadata cluster (refusing one that already is)."""
+        if self.meta is not None:
+            if ci in self.meta:
+                raise Corrupt(f"refcounts claim metadata cluster 0x{ci << self.cbits:x} is free")
+            self.meta.add(ci)
 
     async def _grow_table(self, need_index: int) -> None:
         """Move the refcount table to the end of the image, larger; durable before returning."""
@@ -216,6 +234,7 @@ class Refcounts:
             new_table[bi] = off
             self.dirty.add(bi)
         for c in range(start, start + t + b):
+            self._claim(c)
             bi, i = divmod(c, per)
             (await self.block(bi)).set(i, 1)
             self.dirty.add(bi)
@@ -229,6 +248,8 @@ class Refcounts:
         self.table_dirty.clear()
         self.end_cluster = start + t + b
         for c in range(old_offset // cs, old_offset // cs + old_clusters):
+            if self.meta is not None:
+                self.meta.discard(c)
             await self.add(c, -1)
 
     async def write_blocks(self) -> bool:
