@@ -37,7 +37,7 @@ test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: deps
-	install -m 0755 scripts/mount.snapfs /sbin/mount.snapfs
+	ln -sf $(CURDIR)/scripts/mount.snapfs /sbin/mount.snapfs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -96,6 +97,48 @@ async def check(paths: list[str], fmt: str | None, repair: bool) -> int:
     return worst
 
 
+def ctl(mountpoint: str, op: str, pairs: list[str]) -> int:
+    """One control request from the shell, on a private request file."""
+    from snapfs.ctl import Client, ControlError, parse_value
+    args = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            print(f"snapfs ctl: argument {pair!r} is not key=value", file=sys.stderr)
+            return 1
+        args[key] = parse_value(value)
+    try:
+        with Client(mountpoint) as client:
+            result = client.request(op, **args)
+    except ControlError as exc:
+        print(json.dumps(exc.reply or {"ok": False, "message": exc.message}))
+        print(f"snapfs ctl: {op}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"snapfs ctl: {mountpoint}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(json.dumps({"ok": True, "op": op, "result": result}, indent=1))
+    return 0
+
+
+async def share_info(share: str, volume: str | None) -> int:
+    """Volumes, chains, snapshots and space, read offline from the share."""
+    from snapfs.chain.service import VolumeService
+    svc = VolumeService(share)
+    vids = [volume] if volume else (await svc.list())["volumes"]
+    out = []
+    for vid in vids:
+        try:
+            out.append(await svc.info(vid))
+        except SnapfsError as exc:
+            out.append({"volume": vid, "state": "failed", "reason": exc.message})
+        await svc.release(vid)
+    st = os.statvfs(share)
+    print(json.dumps({"share": os.path.abspath(share), "free_bytes": st.f_bavail * st.f_frsize,
+                      "volumes": out}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="snapfs", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="log what happens")
@@ -109,10 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", dest="fmt", choices=("raw", "qcow2"))
     p.add_argument("--repair", action="store_true", help="free leaked clusters")
     p.add_argument("images", nargs="+")
+    p = sub.add_parser("ctl", help="send one control request to a snapfs mount")
+    p.add_argument("mountpoint")
+    p.add_argument("op")
+    p.add_argument("args", nargs="*", metavar="key=value")
+    p = sub.add_parser("info", help="volumes, chains and snapshots of a share, read offline")
+    p.add_argument("share")
+    p.add_argument("volume", nargs="?")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.cmd == "ctl":
+            return ctl(args.mountpoint, args.op, args.args)
+        if args.cmd == "info":
+            return trio.run(share_info, args.share, args.volume)
         if args.cmd == "convert":
             trio.run(convert, args.image, args.output, args.fmt, args.progress)
             return 0

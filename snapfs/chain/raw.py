@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from snapfs.chain.extent import DATA, Extent, zeros
+from snapfs.chain.extent import DATA, ZERO, Extent, zeros
 from snapfs.chain.locks import lock_for_writing
 from snapfs.errors import Invalid, ReadOnly
-from snapfs.io import BlockFile, Lock
+from snapfs.io import BlockFile, Lock, run_blocking
 
 ZERO_CHUNK = 1 << 20
 
@@ -41,8 +41,32 @@ class RawImage:
             raise Invalid(f"range {offset}+{length} outside the image ({self.size} bytes)")
 
     async def map(self, offset: int, length: int) -> list[Extent]:
+        """Data and holes (as zeros) of the file, from SEEK_DATA/SEEK_HOLE."""
         self._check(offset, length)
-        return [Extent(DATA, offset, length, offset)] if length else []
+        if not length:
+            return []
+        return await run_blocking(self.f.inline, f"mapping {self.path}", self._map, offset,
+                                  offset + length)
+
+    def _map(self, pos: int, end: int) -> list[Extent]:
+        out: list[Extent] = []
+        fd = self.f.fd
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos (or SEEK_DATA unsupported: see below)
+                data = end
+            if data > pos:
+                out.append(Extent(ZERO, pos, min(data, end) - pos))
+                pos = min(data, end)
+                if pos >= end:
+                    break
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            if hole <= pos:
+                hole = end
+            out.append(Extent(DATA, pos, hole - pos, pos))
+            pos = hole
+        return out
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)

@@ -200,6 +200,11 @@ class VolumeService:
             log.error("volume %s cannot be served: %s", vid, exc.message)
             raise
         self.failed.pop(vid, None)
+        rec = await self._blocking("reading", self.share.read_record, vid) or {}
+        created = rec.get("snapshots", {})
+        vol.snap_files = {sid: name for sid, name in sorted(
+            ((k, v) for k, v in (info or {}).items() if k != "active"),
+            key=lambda kv: (created.get(kv[0], {}).get("created", 0), kv[0]))}
         self.volumes[vid] = vol
         return vol
 
@@ -230,8 +235,11 @@ class VolumeService:
 
     # -- operations ------------------------------------------------------------------------
 
-    async def create_volume(self, volume, size, format=None) -> dict:
-        vid, size = check_id(volume, "volume"), check_size(size)
+    async def create_volume(self, volume, size, format=None, *, allow_empty=False) -> dict:
+        """Create an empty volume; ``allow_empty`` (size 0, sized later by truncate) is for
+        files created in the mount, never for control requests."""
+        vid = check_id(volume, "volume")
+        size = 0 if allow_empty and size == 0 else check_size(size)
         fmt = check_format(format) if format is not None else self.default_format
         async with self.locked(vid):
             info, exists = await self._blocking("reading", self._state, vid)
@@ -312,6 +320,7 @@ class VolumeService:
             info[sid] = name
             info["active"] = name
             await self._blocking("recording", self._commit_snapshot, vid, sid, info)
+            vol.snap_files[sid] = name
             log.info("created snapshot %s of volume %s", sid, vid)
             return {"volume": vid, "snapshot": sid}
 
@@ -335,6 +344,7 @@ class VolumeService:
             intent = {"op": "merge", "snapshot": sid, "file": name}
             del info[sid]
             await self._blocking("recording", self._forget_snapshot, vid, sid, info, intent)
+            vol.snap_files.pop(sid, None)
             log.info("deleted snapshot %s of volume %s; merging %s", sid, vid, name)
             self._start_merge(vid, vol, name)
             handed_over = True
@@ -451,6 +461,7 @@ class VolumeService:
         info[sid] = name
         info["active"] = name
         await self._blocking("recording", self._commit_snapshot, vol.vid, sid, info)
+        vol.snap_files[sid] = name
 
     async def _drop_snapshot_locked(self, vol: Volume, sid: str) -> None:
         info = await self._blocking("reading", self.share.read_info, vol.vid) or {}
@@ -459,6 +470,7 @@ class VolumeService:
         name = info.pop(sid)
         await self._blocking("recording", self._forget_snapshot, vol.vid, sid, info,
                              {"op": "merge", "snapshot": sid, "file": name})
+        vol.snap_files.pop(sid, None)
         await self._merge(vol, name, None)
 
     async def revert(self, volume, snapshot) -> dict:
@@ -575,6 +587,54 @@ class VolumeService:
             if os.path.isfile(p) and not os.path.islink(p):
                 out.append({"name": n, "size": os.path.getsize(p)})
         return out
+
+    # -- what the mount shows --------------------------------------------------------------
+
+    async def exists(self, vid: str) -> bool:
+        if vid in self.volumes:
+            return True
+        _, exists = await self._blocking("reading", self._state, vid)
+        return exists
+
+    async def volume_attrs(self, vid: str) -> dict:
+        """Owner and mode the mount shows for a volume (kept in snapfs's record)."""
+        vol = self.volumes.get(vid)
+        if vol is not None and vol.attrs is not None:
+            return vol.attrs
+        rec = await self._blocking("reading", self.share.read_record, vid) or {}
+        attrs = rec.get("attrs", {})
+        if vol is not None:
+            vol.attrs = attrs
+        return attrs
+
+    async def set_volume_attrs(self, vid: str, changes: dict) -> None:
+        async with self.locked(vid):
+            rec = await self._blocking("reading", self.share.read_record, vid)
+            if rec is None:
+                raise NotFound(f"no volume {vid}")
+            rec.setdefault("attrs", {}).update(changes)
+            await self._blocking("recording", self.share.write_record, vid, rec)
+            vol = self.volumes.get(vid)
+            if vol is not None:
+                vol.attrs = rec["attrs"]
+
+    async def snapshot_created(self, vid: str, sid: str) -> float:
+        rec = await self._blocking("reading", self.share.read_record, vid) or {}
+        created = rec.get("snapshots", {}).get(sid, {}).get("created")
+        return created if created is not None else rec.get("adopted", rec.get("created", 0.0))
+
+    async def volume_status(self, vid: str) -> dict:
+        try:
+            vol = await self.volume(vid)
+            allocated = 0
+            for img in vol.images:
+                allocated += await img.allocated()
+            failed = self.failed.get(vid)
+            return {"volume": vid, "provisioned": vol.size, "allocated": allocated,
+                    "state": "failed" if failed else "ok", "reason": failed or ""}
+        except SnapfsError as exc:
+            return {"volume": vid, "provisioned": 0, "allocated": 0, "state": "failed",
+                    "reason": exc.message}
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from snapfs.chain.catalog import PREFIX, Share, base_name, is_chain_name
 from snapfs.chain.chain import open_chain
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.qcow2 import Qcow2Image
-from snapfs.errors import Corrupt, Invalid, NoSpace
+from snapfs.errors import Corrupt, Invalid, NoSpace, NotFound
 from snapfs.io import Gate, Lock
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class Volume:
         self.users = 0
         self.mirror: list[tuple[int, int]] | None = None  # writes recorded during a merge
         self.failed: str | None = None
+        self.snap_files: dict[str, str] = {}  # snapshot id -> overlay created with it
+        self.attrs: dict | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -95,6 +97,18 @@ class Volume:
             if offset >= end:
                 return b""
             return await top.read(offset, end - offset)
+
+    async def read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
+        """Read a snapshot's point-in-time content (what its overlay backs onto)."""
+        async with self.gate.shared():
+            name = self.snap_files.get(sid)
+            if name is None:
+                raise NotFound(f"volume {self.vid} has no snapshot {sid}")
+            img = self.below(name)
+            end = min(offset + length, img.size)
+            if offset >= end:
+                return b""
+            return await img.read(offset, end - offset)
 
     async def write(self, offset: int, data) -> None:
         async with self.gate.shared():

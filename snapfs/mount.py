@@ -1,0 +1,308 @@
+"""``mount.snapfs SHARE MOUNTPOINT [-o OPTS]``: start the snapfs daemon (CONTRACT.md section 2).
+
+Follows mount(8)'s helper conventions so an ``/etc/fstab`` line works: ``-s -n -v -N NS`` are
+accepted and ignored, ``-f`` is a fake mount, generic options are ignored.  Without
+``--foreground`` the daemon detaches and this command returns once the mount is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import faulthandler
+import fcntl
+import grp
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("snapfs.mount")
+
+GENERIC = {"defaults", "rw", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users",
+           "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync", "atime",
+           "noatime", "relatime", "diratime", "nodiratime"}
+LEASE_WAIT = 30.0
+
+
+@dataclass
+class MountConfig:
+    share: str
+    mountpoint: str
+    qcow2_volumes: bool = False
+    allow_other: bool = False
+    read_only: bool = False
+    debug: bool = False
+    log_path: str | None = None
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o660
+    ctl_gid: int = 0
+    unrecorded_format: str | None = None
+    foreground: bool = False
+    fake: bool = False
+
+
+class UsageError(Exception):
+    pass
+
+
+def _group(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise UsageError(f"unknown group {value!r}") from None
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    p = argparse.ArgumentParser(prog="mount.snapfs", add_help=True)
+    p.add_argument("share")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--foreground", action="store_true")
+    p.add_argument("-f", dest="fake", action="store_true")
+    p.add_argument("-s", "-n", "-v", dest="ignored", action="store_true")
+    p.add_argument("-N", dest="namespace")
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as exc:
+        raise UsageError("bad arguments") from exc
+    cfg = MountConfig(os.path.abspath(a.share), os.path.abspath(a.mountpoint),
+                      foreground=a.foreground, fake=a.fake)
+    for opt in ",".join(a.options).split(","):
+        if not opt or opt in GENERIC or opt.startswith("x-") or opt.startswith("comment="):
+            continue
+        key, _, value = opt.partition("=")
+        try:
+            if key == "qcow2_volumes":
+                cfg.qcow2_volumes = True
+            elif key == "allow_other":
+                cfg.allow_other = True
+            elif key == "ro":
+                cfg.read_only = True
+            elif key == "debug":
+                cfg.debug = True
+            elif key == "log" and value:
+                cfg.log_path = value
+            elif key == "uid":
+                cfg.uid = int(value)
+            elif key == "gid":
+                cfg.gid = _group(value)
+            elif key == "mode":
+                cfg.mode = int(value, 8) & 0o7777
+            elif key == "ctl_gid":
+                cfg.ctl_gid = _group(value)
+            elif key == "unrecorded_format" and value in ("raw", "qcow2"):
+                cfg.unrecorded_format = value
+            else:
+                raise UsageError(f"unknown option {opt!r}")
+        except ValueError:
+            raise UsageError(f"bad value in option {opt!r}") from None
+    if not os.path.isdir(cfg.share):
+        raise UsageError(f"share {cfg.share} is not a directory")
+    if not os.path.isdir(cfg.mountpoint):
+        raise UsageError(f"mount point {cfg.mountpoint} is not a directory")
+    return cfg
+
+
+def setup_logging(cfg: MountConfig) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s snapfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if cfg.log_path:
+        handler: logging.Handler = logging.FileHandler(cfg.log_path)
+    elif cfg.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = logging.Formatter("snapfs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(fmt)
+    root.handlers[:] = [handler]
+    if cfg.log_path:
+        faulthandler.enable(open(cfg.log_path, "a"))  # noqa: SIM115 (lives as long as we do)
+    elif cfg.foreground:
+        faulthandler.enable()
+
+
+# -- the share lease ----------------------------------------------------------------------
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def _try_lock(fd: int) -> bool:
+    arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, arg)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def acquire_lease(cfg: MountConfig) -> int:
+    """One daemon per share (until many-host support): an exclusive lock on the share.
+
+    A holder whose mount is already gone is shutting down: wait for it, bounded."""
+    meta = os.path.join(cfg.share, ".snapfs")
+    os.makedirs(meta, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(meta, "lease"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LEASE_WAIT
+    while not _try_lock(fd):
+        holder = _read_holder(meta)
+        mounted = holder and os.path.ismount(holder.get("mountpoint", "")) and \
+            holder.get("host") == socket.gethostname()
+        if mounted or time.monotonic() > deadline:
+            where = f" at {holder.get('mountpoint')} (pid {holder.get('pid')})" if holder else ""
+            os.close(fd)
+            raise UsageError(f"share {cfg.share} is already served by another snapfs daemon{where}")
+        time.sleep(0.1)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "mountpoint": cfg.mountpoint,
+            "since": time.time()}
+    with open(os.path.join(meta, "lease.json"), "w") as f:
+        json.dump(info, f)
+    return fd
+
+
+def _read_holder(meta: str) -> dict | None:
+    try:
+        with open(os.path.join(meta, "lease.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# -- running ------------------------------------------------------------------------------
+
+def serve(cfg: MountConfig, ready) -> int:
+    """Mount and serve until unmounted; ``ready(msg)`` is called once, with None on success."""
+    import pyfuse3
+    import trio
+
+    from snapfs.chain.service import VolumeService
+    from snapfs.fs.operations import Operations, Options
+
+    try:
+        lease = acquire_lease(cfg)
+        svc = VolumeService(cfg.share, default_format="qcow2" if cfg.qcow2_volumes else "raw",
+                            file_mode=0o660, unrecorded_format=cfg.unrecorded_format)
+        ops = Operations(svc, Options(uid=cfg.uid, gid=cfg.gid, mode=cfg.mode,
+                                      ctl_gid=cfg.ctl_gid, read_only=cfg.read_only,
+                                      mountpoint=cfg.mountpoint))
+        opts = set(pyfuse3.default_options)
+        opts |= {f"fsname={cfg.share}", "subtype=snapfs"}
+        if cfg.allow_other:
+            opts.add("allow_other")
+        if cfg.read_only:
+            opts.add("ro")
+        pyfuse3.init(ops, cfg.mountpoint, opts)
+    except (UsageError, OSError, RuntimeError) as exc:
+        ready(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 1
+    except Exception as exc:  # noqa: BLE001 -- one line to the caller, details to the log
+        log.exception("mount failed")
+        ready(f"{type(exc).__name__}: {exc}")
+        return 1
+    log.info("serving %s at %s", cfg.share, cfg.mountpoint)
+    clean = False
+    try:
+        trio.run(_main, svc, ready)
+        clean = True
+    except BaseException:
+        log.exception("daemon stopped on an error")
+        raise
+    finally:
+        pyfuse3.close(unmount=clean)
+        os.close(lease)
+        log.info("unmounted %s", cfg.mountpoint)
+    return 0
+
+
+async def _main(svc, ready) -> None:
+    import pyfuse3
+    import trio
+
+    async with svc.running():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signals)
+            ready(None)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+
+async def _signals() -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_args(argv)
+    except UsageError as exc:
+        print(f"mount.snapfs: {exc}", file=sys.stderr)
+        return 1
+    if cfg.fake:
+        return 0
+    if cfg.foreground:
+        setup_logging(cfg)
+
+        def ready(msg):
+            if msg:
+                print(f"mount.snapfs: {msg}", file=sys.stderr)
+        return serve(cfg, ready)
+    return _daemonize(cfg)
+
+
+def _daemonize(cfg: MountConfig) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r) as pipe:
+            msg = pipe.readline().strip()
+        if msg == "ok":
+            return 0
+        print(f"mount.snapfs: {msg or 'the daemon exited before the mount was ready'}",
+              file=sys.stderr)
+        os.waitpid(pid, 0)
+        return 1
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    setup_logging(cfg)
+    told = False
+
+    def ready(msg):
+        nonlocal told
+        if not told:
+            told = True
+            os.write(w, (msg or "ok").encode() + b"\n")
+            os.close(w)
+    code = 1
+    try:
+        code = serve(cfg, ready)
+    finally:
+        ready("the daemon stopped before the mount was ready")
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
