@@ -1,92 +1,141 @@
-"""The engine demo behind `make demo`: build a small volume chain the way snapshots do,
-then show what each layer holds and what qemu-img makes of it."""
+"""The demo behind `make demo`: a demo share mounted with snapfs, a volume written through the
+mount, two snapshots browsed with ls and copied out with cp, a clone, and the unmount, with
+qemu-img looking at the share as upstream Cinder would."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
-import trio
-
-from snapfs.chain.chain import open_chain
-from snapfs.chain.check import check_image
-from snapfs.chain.extent import KIND_NAMES
-from snapfs.chain.image import create_qcow2, create_raw
+from snapfs.ctl import Client
 
 MiB = 1 << 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-async def describe(path: str) -> None:
-    img = await open_chain(path, "qcow2")
+def sh(*argv: str) -> None:
+    say("$ " + " ".join(argv))
+    out = subprocess.run(argv, capture_output=True, text=True)
+    text = (out.stdout + out.stderr).rstrip()
+    if text:
+        say(text)
+    if out.returncode:
+        raise SystemExit(f"{argv[0]} failed with exit code {out.returncode}")
+
+
+def digest(path: str, size: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left is None or left > 0:
+            chunk = f.read(MiB if left is None else min(MiB, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()[:16]
+
+
+def mount(share: str, mnt: str, log: str) -> None:
+    env = dict(os.environ, SNAPFS_PYTHON=sys.executable, PYTHONPATH=REPO)
+    argv = [os.path.join(REPO, "scripts", "mount.snapfs"), share, mnt, "-o", f"log={log}"]
+    say("$ mount.snapfs " + " ".join(argv[1:]))
+    subprocess.run(argv, check=True, env=env)
+
+
+def main(work: str) -> None:
+    share, mnt, out = (os.path.join(work, d) for d in ("share", "mnt", "out"))
+    for d in (share, mnt, out):
+        os.makedirs(d)
+    mount(share, mnt, os.path.join(work, "snapfs.log"))
     try:
-        layer = img
-        while layer is not None:
-            runs = await layer.map(0, layer.size) if layer.format == "qcow2" else []
-            held = [r for r in runs if r.kind != 2]
-            summary = ", ".join(f"{KIND_NAMES[r.kind]} {r.offset // MiB}-{(r.offset + r.length) / MiB:g} MiB"
-                                for r in held[:6]) or ("all of it" if layer.format == "raw" else "nothing")
-            say(f"  {os.path.basename(layer.path):<28} {layer.format:<5} holds: {summary}")
-            layer = layer.backing
+        with Client(mnt) as ctl:
+            say("\n# a 64 MiB volume, 'day 1' data written through the mount")
+            ctl.request("create-volume", volume="demo", size=64 * MiB)
+            vol = os.path.join(mnt, "volume-demo")
+            with open(vol, "r+b") as f:
+                f.write(b"day 1 " * (4 * MiB // 6))
+            say("\n# snapshot 'monday', more writes, snapshot 'tuesday', more writes")
+            ctl.request("create-snapshot", volume="demo", snapshot="monday")
+            monday = digest(vol)
+            with open(vol, "r+b") as f:
+                f.seek(2 * MiB)
+                f.write(b"day 2 " * (8 * MiB // 6))
+            ctl.request("create-snapshot", volume="demo", snapshot="tuesday")
+            with open(vol, "r+b") as f:
+                f.seek(20 * MiB)
+                f.write(b"day 3 " * MiB)
+            sh("ls", "-l", mnt)
+            sh("ls", "-l", os.path.join(mnt, ".snapshots", "volume-demo"))
+            say("\n# copy a snapshot out with cp and verify it")
+            copy = os.path.join(out, "monday.raw")
+            sh("cp", "--sparse=always", os.path.join(mnt, ".snapshots", "volume-demo", "monday"),
+               copy)
+            ok = digest(copy) == monday
+            say(f"monday.raw sha256 {digest(copy)} == volume at the snapshot {monday}: {ok}")
+            say("\n# a clone of 'tuesday', 128 MiB, independent of the source")
+            ctl.request("clone", volume="demo-clone", source_volume="demo",
+                        source_snapshot="tuesday", size=128 * MiB)
+            tuesday_view = digest(os.path.join(mnt, ".snapshots", "volume-demo", "tuesday"))
+            clone_view = digest(os.path.join(mnt, "volume-demo-clone"), 64 * MiB)
+            say(f"clone == tuesday: {clone_view == tuesday_view}")
+            say("\n# the share, as upstream Cinder and qemu-img see it")
+            sh("ls", "-l", share)
+            say("$ cat " + os.path.join(share, "volume-demo.info"))
+            say(open(os.path.join(share, "volume-demo.info")).read())
+            sh("qemu-img", "info", "-U", "--backing-chain",
+               os.path.join(share, "volume-demo.tuesday"))
+            say("\n# deleting 'monday' merges its overlay away, in the background")
+            ctl.request("delete-snapshot", volume="demo", snapshot="monday")
+            for _ in range(100):
+                status = json.loads(open(os.path.join(mnt, ".snapfs", "status")).read())
+                if not status["jobs"]:
+                    break
+                time.sleep(0.1)
+            sh("ls", "-l", os.path.join(mnt, ".snapshots", "volume-demo"))
+            sh("cat", os.path.join(mnt, ".snapfs", "status"))
+            if not ok or clone_view != tuesday_view:
+                raise SystemExit("demo: content mismatch")
     finally:
-        await img.close()
-
-
-async def main(share: str) -> None:
-    vol = "volume-demo"
-    base = os.path.join(share, vol)
-    say(f"share: {share}")
-    say("1. a 16 MiB volume (raw, sparse), 8 MiB of 'A' written")
-    await create_raw(base, 16 * MiB)
-    with open(base, "r+b") as f:
-        f.write(b"A" * 8 * MiB)
-    say("2. snapshot snap1: the base freezes, a qcow2 overlay takes the writes")
-    top1 = f"{base}.snap1"
-    await create_qcow2(top1, 16 * MiB, backing_file=vol, backing_format="raw")
-    img = await open_chain(top1, "qcow2", writable=True)
-    await img.write(4 * MiB, b"B" * 2 * MiB)
-    await img.write_zeroes(12 * MiB, MiB)
-    await img.close()
-    say("3. snapshot snap2, then more writes; the chain is three files deep")
-    top2 = f"{base}.snap2"
-    await create_qcow2(top2, 16 * MiB, backing_file=f"{vol}.snap1", backing_format="qcow2")
-    img = await open_chain(top2, "qcow2", writable=True)
-    await img.write(5 * MiB + 12345, b"C" * 100000)
-    await img.close()
-    say("4. what each layer holds:")
-    await describe(top2)
-    say("5. qemu-img agrees:")
-    for p in (top1, top2):
-        res = await check_image(p)
-        say(f"  snapfs check {os.path.basename(p)}: exit {res.exit_code}")
-        out = subprocess.run(["qemu-img", "check", p], capture_output=True, text=True)
-        verdict = next((ln for ln in out.stdout.splitlines() if "found" in ln), out.stdout.strip())
-        say(f"  qemu-img check {os.path.basename(p)}: {verdict}")
-    ours, theirs = os.path.join(share, "ours.raw"), os.path.join(share, "theirs.raw")
-    from snapfs.cli import convert
-    await convert(top2, ours, "qcow2", False)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", top2, theirs], check=True)
-    same = open(ours, "rb").read() == open(theirs, "rb").read()
-    say(f"  snapfs convert == qemu-img convert of the whole chain: {same}")
-    subprocess.run(["ls", "-ls", share])
-    if not same:
-        raise SystemExit(1)
+        say("\n# unmount")
+        sh("fusermount3", "-u", mnt)
+        for _ in range(100):
+            if not os.path.exists(os.path.join(share, ".snapfs", "lease.json")) or \
+                    not os.path.ismount(mnt):
+                break
+            time.sleep(0.1)
+    for name in sorted(os.listdir(share)):
+        if name.startswith("volume-") and not name.endswith(".info"):
+            path = os.path.join(share, name)
+            r = subprocess.run(["qemu-img", "check", "-U", path], capture_output=True, text=True)
+            verdict = "raw" if r.returncode == 63 else (
+                "clean" if r.returncode == 0 else f"exit {r.returncode}")
+            say(f"qemu-img check {name}: {verdict}")
+    say("\ndemo done")
 
 
 def run() -> None:
-    share = tempfile.mkdtemp(prefix="snapfs-demo-")
+    work = tempfile.mkdtemp(prefix="snapfs-demo-")
     try:
-        trio.run(main, share)
+        main(work)
     finally:
-        shutil.rmtree(share, ignore_errors=True)
+        mnt = os.path.join(work, "mnt")
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt])
+        time.sleep(0.5)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
     run()
-    sys.exit(0)
