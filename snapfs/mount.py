@@ -216,7 +216,7 @@ def serve(cfg: MountConfig, ready) -> int:
     log.info("serving %s at %s", cfg.share, cfg.mountpoint)
     clean = False
     try:
-        trio.run(_main, svc, ready)
+        trio.run(_main, svc, ready, cfg.mountpoint)
         clean = True
     except BaseException:
         log.exception("daemon stopped on an error")
@@ -228,16 +228,32 @@ def serve(cfg: MountConfig, ready) -> int:
     return 0
 
 
-async def _main(svc, ready) -> None:
+async def _main(svc, ready, mountpoint: str) -> None:
     import pyfuse3
     import trio
 
     async with svc.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals)
+            nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
             ready(None)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+
+READ_AHEAD_KB = 1024
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Ask for 1 MiB readahead on our mount: buffered reads then arrive as 1 MiB requests
+    instead of 256 KiB (PERF-FACTS.md, 5)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("could not raise readahead: %s", exc)
 
 
 async def _signals() -> None:
