@@ -37,6 +37,10 @@ class InodeTable:
             self._by_ino[ino] = key
         return ino
 
+    def known(self, key: tuple) -> int | None:
+        """The inode number of ``key`` if the kernel may have seen it."""
+        return self._by_key.get(key)
+
     def key(self, ino: int) -> tuple | None:
         return self._by_ino.get(ino)
 
