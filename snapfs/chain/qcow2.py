@@ -217,10 +217,22 @@ class Qcow2Image:
         if h.header_length + len(exts) + len(raw) > self.cs or len(raw) > 1023:
             raise Invalid("the backing file name does not fit in the header")
         async with self.lock:
+            offset, size = h.backing_file_offset, h.backing_file_size
             h.backing_file_offset = h.header_length + len(exts)
             h.backing_file_size = len(raw)
-            await self.f.pwrite(0, h.encode_fixed() + exts + raw)
-            await self.f.fsync()
+            data = h.encode_fixed() + exts + raw
+            # A frozen image is open read-only: rewrite its header through a descriptor of
+            # its own (no other writer exists, so no image lock is needed for it).
+            f = self.f if self.f.writable else await BlockFile.open(self.path, writable=True)
+            try:
+                await f.pwrite(0, data)
+                await f.fsync()
+            except BaseException:
+                h.backing_file_offset, h.backing_file_size = offset, size
+                raise
+            finally:
+                if f is not self.f:
+                    await f.close()
             h.backing_file, h.backing_format = name, fmt
             self.backing_name = name
 

@@ -196,10 +196,11 @@ class VolumeService:
                                   f"snapfs recorded {rec['format']}")
             self._check_info(vid, info, vol)
         except SnapfsError as exc:
-            self.failed[vid] = exc.message
+            self.failed[vid] = f"cannot open: {exc.message}"
             log.error("volume %s cannot be served: %s", vid, exc.message)
             raise
-        self.failed.pop(vid, None)
+        if self.failed.get(vid, "").startswith("cannot open"):
+            self.failed.pop(vid)
         rec = await self._blocking("reading", self.share.read_record, vid) or {}
         created = rec.get("snapshots", {})
         vol.snap_files = {sid: name for sid, name in sorted(
@@ -393,6 +394,8 @@ class VolumeService:
                 info["active"] = vol.names()[-1]
                 await self._blocking("recording", self.share.write_info, vid, info)
         await self._blocking("cleaning", self._finish_merge, vid, name)
+        if self.failed.get(vid, "").startswith(("merge of", "recovery failed")):
+            del self.failed[vid]
         log.info("volume %s: merge of %s finished", vid, name)
 
     def _finish_merge(self, vid: str, name: str) -> None:
