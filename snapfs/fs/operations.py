@@ -101,6 +101,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.requests: dict[str, int] = {}  # request file name -> open descriptors
+        self.request_owner: dict[str, tuple[int, int]] = {}
         self.started = time.time()
 
     # -- attributes ------------------------------------------------------------------------
@@ -174,7 +175,8 @@ class Operations(pyfuse3.Operations):
         if key[0] == "req":
             if key[1] not in self.requests:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(inode, stat.S_IFREG | 0o600, gid=self.opts.ctl_gid)
+            uid, gid = self.request_owner.get(key[1], (0, self.opts.ctl_gid))
+            return self._attr(inode, stat.S_IFREG | 0o600, uid=uid, gid=gid)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @fuse_errors
@@ -312,6 +314,7 @@ class Operations(pyfuse3.Operations):
             if "/" in n or n in self.requests or not n or n.startswith("."):
                 raise pyfuse3.FUSEError(errno.EEXIST if n in self.requests else errno.EINVAL)
             self.requests[n] = 0
+            self.request_owner[n] = (ctx.uid, ctx.gid)  # a client's private file
             inode = self.inodes.ino(("req", n))
             fi = await self.open(inode, os.O_RDWR, ctx)
             return fi, await self._attr_of(inode)
@@ -340,6 +343,7 @@ class Operations(pyfuse3.Operations):
             left = self.requests.get(h.key[1], 0) - 1
             if left <= 0:
                 self.requests.pop(h.key[1], None)
+                self.request_owner.pop(h.key[1], None)
             else:
                 self.requests[h.key[1]] = left
 
