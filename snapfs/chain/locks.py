@@ -60,3 +60,13 @@ def lock_for_writing(fd: int, name: str) -> None:
         if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
             return  # the file system cannot lock: nothing to protect against
         raise from_oserror(exc, f"locking {name}") from None
+
+
+def unlock(fd: int) -> None:
+    """Drop the image locks of ``fd`` (an image that is frozen and will not be written)."""
+    for base in (PERM_BASE, SHARED_BASE):
+        for p in ALL:
+            try:
+                _flock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, base + p)
+            except OSError:
+                pass

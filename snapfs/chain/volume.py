@@ -14,6 +14,7 @@ from snapfs.chain import extent as ex
 from snapfs.chain.catalog import PREFIX, Share, base_name, is_chain_name
 from snapfs.chain.chain import open_chain
 from snapfs.chain.image import Image, open_image
+from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.errors import Corrupt, Invalid, NoSpace, NotFound
 from snapfs.io import Gate, Lock
@@ -154,7 +155,7 @@ class Volume:
                 os.unlink(path)
                 raise
             new.backing = top
-            top.writable = False
+            freeze(top)
             self.images.append(new)
 
     async def commit_down(self, name: str, on_progress=None) -> None:
@@ -196,7 +197,7 @@ class Volume:
                 self.images[i - 1] = lower
                 del self.images[i]
                 if not active:
-                    lower.writable = False
+                    freeze(lower)
             upper.backing = None
             await upper.close()
         except BaseException:
@@ -205,6 +206,12 @@ class Volume:
                 lower.backing = None
                 await lower.close()
             raise
+
+
+def freeze(img: Image) -> None:
+    """An image that will not be written again: refuse writes, let qemu-img open it."""
+    img.writable = False
+    unlock(img.f.fd)
 
 
 def _cluster_size(img: Image) -> int:
