@@ -62,8 +62,15 @@ def _group(value: str) -> int:
         raise UsageError(f"unknown group {value!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (mount(8) helpers report one line)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def parse_args(argv: list[str]) -> MountConfig:
-    p = argparse.ArgumentParser(prog="mount.snapfs", add_help=True)
+    p = _Parser(prog="mount.snapfs", add_help=True)
     p.add_argument("share")
     p.add_argument("mountpoint")
     p.add_argument("-o", dest="options", action="append", default=[])
@@ -71,10 +78,7 @@ def parse_args(argv: list[str]) -> MountConfig:
     p.add_argument("-f", dest="fake", action="store_true")
     p.add_argument("-s", "-n", "-v", dest="ignored", action="store_true")
     p.add_argument("-N", dest="namespace")
-    try:
-        a = p.parse_args(argv)
-    except SystemExit as exc:
-        raise UsageError("bad arguments") from exc
+    a = p.parse_args(argv)
     cfg = MountConfig(os.path.abspath(a.share), os.path.abspath(a.mountpoint),
                       foreground=a.foreground, fake=a.fake)
     for opt in ",".join(a.options).split(","):

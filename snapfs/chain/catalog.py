@@ -162,6 +162,10 @@ class Share:
     def write_record(self, vid: str, rec: dict) -> None:
         self.write_atomic(self._record_path(vid), json.dumps(rec, sort_keys=True).encode())
 
+    def record_ids(self) -> list[str]:
+        d = os.path.join(self.meta, "volumes")
+        return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json"))
+
     def remove_record(self, vid: str) -> None:
         try:
             os.unlink(self._record_path(vid))

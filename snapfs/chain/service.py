@@ -98,9 +98,13 @@ class VolumeService:
                 await self.wait_idle()
             finally:
                 nursery.cancel_scope.cancel()
-                for vol in list(self.volumes.values()):
-                    with contextlib.suppress(SnapfsError):
-                        await vol.close()
+                # Flushing what guests wrote must finish even though we are shutting down.
+                with CancelScope(shield=True):
+                    for vol in list(self.volumes.values()):
+                        try:
+                            await vol.close()
+                        except SnapfsError as exc:
+                            log.error("volume %s: closing failed: %s", vol.vid, exc.message)
                 self.volumes.clear()
                 for fl in self.file_locks.values():
                     fl.release(force=True)
@@ -129,7 +133,7 @@ class VolumeService:
             fl = self.file_locks.get(vid)
             if fl is None:
                 path = os.path.join(self.share.meta, "locks", f"{vid}.lock")
-                fl = self.file_locks[vid] = filelock.FileLock(path, mode=0o600)
+                fl = self.file_locks[vid] = filelock.FileLock(path, mode=0o600, thread_local=False)
             while True:
                 try:
                     await self._blocking("locking", lambda: fl.acquire(timeout=0))
@@ -196,6 +200,8 @@ class VolumeService:
                                   f"snapfs recorded {rec['format']}")
             self._check_info(vid, info, vol)
         except SnapfsError as exc:
+            with contextlib.suppress(SnapfsError):
+                await vol.close()
             self.failed[vid] = f"cannot open: {exc.message}"
             log.error("volume %s cannot be served: %s", vid, exc.message)
             raise
@@ -224,7 +230,8 @@ class VolumeService:
             await vol.close()
 
     @contextlib.asynccontextmanager
-    async def _using(self, vid: str):
+    async def hold(self, vid: str):
+        """The open volume, kept open (not released) while the caller uses it."""
         vol = await self.volume(vid)
         vol.users += 1
         try:
@@ -245,7 +252,7 @@ class VolumeService:
         async with self.locked(vid):
             info, exists = await self._blocking("reading", self._state, vid)
             if exists:
-                async with self._using(vid) as vol:
+                async with self.hold(vid) as vol:
                     if vol.size == size and vol.images[0].format == fmt:
                         return {"volume": vid, "size": size, "format": fmt}
                 raise Exists(f"volume {vid} exists with a different size or format")
@@ -296,7 +303,7 @@ class VolumeService:
 
     async def extend_volume(self, volume, size) -> dict:
         vid, size = check_id(volume, "volume"), check_size(size)
-        async with self.locked(vid), self._using(vid) as vol:
+        async with self.locked(vid), self.hold(vid) as vol:
             if size < vol.size:
                 raise Invalid(f"volume {vid} is larger ({vol.size} bytes) than {size}")
             if size > vol.size:
@@ -306,7 +313,7 @@ class VolumeService:
 
     async def create_snapshot(self, volume, snapshot) -> dict:
         vid, sid = check_id(volume, "volume"), check_id(snapshot, "snapshot")
-        async with self.locked(vid), self._using(vid) as vol:
+        async with self.locked(vid), self.hold(vid) as vol:
             info = await self._blocking("reading", self.share.read_info, vid) or {
                 "active": base_name(vid)}
             if sid in info:
@@ -417,12 +424,14 @@ class VolumeService:
             _, exists = await self._blocking("reading", self._state, vid)
             if exists:
                 raise Exists(f"volume {vid} already exists")
-            async with self._using(src) as vol:
+            async with self.hold(src) as vol:
                 tmp_sid = None
                 if sid is None and vol.users > 1:
                     # Live source: copy from a temporary snapshot, as Cinder's tmp-snap does.
                     tmp_sid = f"tmp-snap-{uuid.uuid4()}"
                     await self._snapshot_locked(vol, tmp_sid)
+                    await self._blocking("recording", self.share.write_intent, src,
+                                         {"op": "clone", "volume": vid, "tmp_snapshot": tmp_sid})
                 try:
                     use = sid or tmp_sid
                     if use is not None:
@@ -478,7 +487,7 @@ class VolumeService:
 
     async def revert(self, volume, snapshot) -> dict:
         vid, sid = check_id(volume, "volume"), check_id(snapshot, "snapshot")
-        async with self.locked(vid), self._using(vid) as vol:
+        async with self.locked(vid), self.hold(vid) as vol:
             info = await self._blocking("reading", self.share.read_info, vid) or {}
             if sid not in info:
                 raise NotFound(f"volume {vid} has no snapshot {sid}")
@@ -551,7 +560,7 @@ class VolumeService:
             if not exists:
                 raise NotFound(f"no volume {vid}")
             return {"volume": vid, "state": "failed", "reason": self.failed[vid]}
-        async with self._using(vid) as vol:
+        async with self.hold(vid) as vol:
             info = await self._blocking("reading", self.share.read_info, vid) or {
                 "active": base_name(vid)}
             rec = await self._blocking("reading", self.share.read_record, vid) or {}
@@ -642,14 +651,23 @@ class VolumeService:
     # -- recovery --------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Finish or roll back what a crash interrupted (intents), drop temporary files."""
+        """Finish or roll back what a crash interrupted (intents), drop temporary files and
+        records of volumes whose creation never completed."""
         await self._blocking("cleaning", self.share.clean_tmp)
+        await self._blocking("cleaning", self._drop_orphan_records)
         for vid in await self._blocking("listing", self.share.intents):
             try:
                 await self._recover_volume(vid)
             except SnapfsError as exc:
                 self.failed[vid] = f"recovery failed: {exc.message}"
                 log.error("volume %s: recovery failed: %s", vid, exc.message)
+
+    def _drop_orphan_records(self) -> None:
+        pending = set(self.share.intents())
+        for vid in self.share.record_ids():
+            if vid not in pending and not self.share.exists(base_name(vid)):
+                log.info("dropping the record of volume %s, whose creation never completed", vid)
+                self.share.remove_record(vid)
 
     async def _recover_volume(self, vid: str) -> None:
         intent = await self._blocking("reading", self.share.read_intent, vid)
@@ -666,6 +684,19 @@ class VolumeService:
                 await self._blocking("cleaning", self.share.remove, intent["file"])
             await self._blocking("cleaning", self.share.clear_intent, vid)
             return
+        if op in ("merge", "clone"):
+            # The request may have died before the snapshot left the .info: finish that first.
+            sid = intent.get("snapshot") or intent.get("tmp_snapshot")
+            info = await self._blocking("reading", self.share.read_info, vid) or {}
+            if sid in info:
+                name = info.pop(sid)
+                await self._blocking("recording", self._forget_snapshot, vid, sid, info,
+                                     {"op": "merge", "snapshot": sid, "file": name})
+                intent = {"op": "merge", "snapshot": sid, "file": name}
+                op = "merge"
+            elif op == "clone":
+                await self._blocking("cleaning", self.share.clear_intent, vid)
+                return
         await self._acquire(vid)
         try:
             vol = await self.volume(vid)

@@ -126,29 +126,31 @@ class Operations(pyfuse3.Operations):
         return self._attr(inode, stat.S_IFDIR | mode, nlink=2, gid=gid)
 
     async def _volume_attr(self, vid: str) -> pyfuse3.EntryAttributes:
-        vol = await self.svc.volume(vid)
-        owner = await self.svc.volume_attrs(vid)
-        st = await vol.top.f.stat()
-        blocks = await _chain_blocks(vol.top)
+        async with self.svc.hold(vid) as vol:
+            owner = await self.svc.volume_attrs(vid)
+            st = await vol.top.f.stat()
+            blocks = await _chain_blocks(vol.top)
+            size = vol.size
         mode = owner.get("mode", self.opts.mode)
         if self.opts.read_only:
             mode &= ~0o222
-        return self._attr(self.inodes.ino(("vol", vid)), stat.S_IFREG | mode, vol.size,
+        return self._attr(self.inodes.ino(("vol", vid)), stat.S_IFREG | mode, size,
                           uid=owner.get("uid", self.opts.uid), gid=owner.get("gid", self.opts.gid),
                           mtime=st.st_mtime, blocks=blocks)
 
     async def _snapshot_attr(self, vid: str, sid: str) -> pyfuse3.EntryAttributes:
-        vol = await self.svc.volume(vid)
-        name = vol.snap_files.get(sid)
-        if name is None:
-            raise NotFound(f"volume {vid} has no snapshot {sid}")
-        img = vol.below(name)
-        created = await self.svc.snapshot_created(vid, sid)
-        owner = await self.svc.volume_attrs(vid)
+        async with self.svc.hold(vid) as vol:
+            name = vol.snap_files.get(sid)
+            if name is None:
+                raise NotFound(f"volume {vid} has no snapshot {sid}")
+            img = vol.below(name)
+            size, blocks = img.size, await _chain_blocks(img)
+            created = await self.svc.snapshot_created(vid, sid)
+            owner = await self.svc.volume_attrs(vid)
         mode = owner.get("mode", self.opts.mode) & ~0o222
-        return self._attr(self.inodes.ino(("snap", vid, sid)), stat.S_IFREG | mode, img.size,
+        return self._attr(self.inodes.ino(("snap", vid, sid)), stat.S_IFREG | mode, size,
                           uid=owner.get("uid", self.opts.uid), gid=owner.get("gid", self.opts.gid),
-                          mtime=created, blocks=await _chain_blocks(img))
+                          mtime=created, blocks=blocks)
 
     async def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode in (ino.ROOT, ino.SNAPSHOTS):
@@ -220,9 +222,9 @@ class Operations(pyfuse3.Operations):
         key = self.inodes.key(parent)
         if key and key[0] == "sdir":
             sid = name.decode(errors="replace")
-            vol = await self.svc.volume(key[1])
-            if sid in vol.snap_files:
-                return self.inodes.ino(("snap", key[1], sid))
+            async with self.svc.hold(key[1]) as vol:
+                if sid in vol.snap_files:
+                    return self.inodes.ino(("snap", key[1], sid))
         return None
 
     # -- directories -----------------------------------------------------------------------
@@ -248,9 +250,9 @@ class Operations(pyfuse3.Operations):
             return [(n.encode(), self.inodes.ino(("req", n))) for n in sorted(self.requests)]
         key = self.inodes.key(inode)
         if key and key[0] == "sdir":
-            vol = await self.svc.volume(key[1])
-            return [(sid.encode(), self.inodes.ino(("snap", key[1], sid)))
-                    for sid in vol.snap_files]
+            async with self.svc.hold(key[1]) as vol:
+                return [(sid.encode(), self.inodes.ino(("snap", key[1], sid)))
+                        for sid in vol.snap_files]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     @fuse_errors
@@ -405,10 +407,11 @@ class Operations(pyfuse3.Operations):
                                     or fields.update_uid or fields.update_gid):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size:
-            vol = await self.svc.volume(vid)
-            if attr.st_size < vol.size:
+            async with self.svc.hold(vid) as vol:
+                current = vol.size
+            if attr.st_size < current:
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            if attr.st_size > vol.size:
+            if attr.st_size > current:
                 size = -(-attr.st_size // 512) * 512
                 await self.svc.extend_volume(vid, size)
         changes = {}
