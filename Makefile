@@ -38,6 +38,7 @@ test: deps
 
 install: deps
 	ln -sf $(CURDIR)/scripts/mount.snapfs /sbin/mount.snapfs
+	if [ -d /etc/cinder/rootwrap.d ]; then install -m 0644 cinder_driver/snapfs.filters /etc/cinder/rootwrap.d/; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
