@@ -27,15 +27,15 @@ from snapfs.errors import Corrupt, Invalid, SnapfsError, from_oserror
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 PREFIX = "volume-"
 META_DIR = ".snapfs"
 
 
 def check_id(value, what: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value) or len(value) > 200:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value) or len(value) > 200:
         raise Invalid(f"{what} must match [A-Za-z0-9_-]+")
-    if what.startswith("volume") and value.startswith(PREFIX):
+    if what in ("volume", "source_volume") and value.startswith(PREFIX):
         raise Invalid(f"{what} is a bare id, without the '{PREFIX}' prefix")
     return value
 
@@ -51,7 +51,7 @@ def overlay_name(vid: str, sid: str) -> str:
 def is_chain_name(vid: str, name: str) -> bool:
     """``volume-<vid>`` or ``volume-<vid>.<id>``: the only names a volume's chain may use."""
     b = base_name(vid)
-    return name == b or (name.startswith(b + ".") and bool(ID_RE.match(name[len(b) + 1:])))
+    return name == b or (name.startswith(b + ".") and bool(ID_RE.fullmatch(name[len(b) + 1:])))
 
 
 def info_name(vid: str) -> str:
@@ -130,7 +130,7 @@ class Share:
         if not isinstance(info, dict) or not isinstance(info.get("active"), str):
             raise Corrupt(f"{info_name(vid)} has no active file")
         for k, v in info.items():
-            if not isinstance(v, str) or (k != "active" and not ID_RE.match(k)):
+            if not isinstance(v, str) or (k != "active" and not ID_RE.fullmatch(k)):
                 raise Corrupt(f"{info_name(vid)} has an invalid entry {k!r}")
             if not is_chain_name(vid, v):
                 raise Corrupt(f"{info_name(vid)} names a file outside the volume: {v!r}")
@@ -244,7 +244,7 @@ class Share:
         for n in self.listdir():
             if n.startswith(PREFIX) and "." not in n:
                 vid = n[len(PREFIX):]
-                if ID_RE.match(vid):
+                if ID_RE.fullmatch(vid):
                     out.append(vid)
         return out
 

@@ -271,8 +271,12 @@ async def _compare(img: Qcow2Image, res: CheckResult, counts: _Counts, fix: str 
                 idx |= {base + i for i in range(per) if blk.get(i)}
             candidates = sorted(idx)
         else:
-            candidates = range(base, min(base + per, inside))
-            candidates = list(candidates) + sorted(beyond.get(bi, []))
+            candidates = list(range(base, min(base + per, inside)))
+            if blk is not None and base + per > inside:
+                # Refcounts past the end of the file (a crash between refcount and table
+                # writes) are leaks too, though qemu-img sees them only once the file grows.
+                candidates += [base + i for i in range(inside - base, per) if blk.get(i)]
+            candidates = sorted(set(candidates) | set(beyond.get(bi, [])))
         for ci in candidates:
             i = ci - base
             stored = blk.get(i) if blk is not None else 0

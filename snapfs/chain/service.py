@@ -155,7 +155,7 @@ class VolumeService:
         if not isinstance(request, dict):
             raise Invalid("a request is a JSON object")
         op = request.get("op")
-        if op not in ARGS:
+        if not isinstance(op, str) or op not in ARGS:
             raise Invalid(f"unknown op {op!r}")
         required, optional = ARGS[op]
         keys = set(request) - {"op"}
@@ -273,9 +273,15 @@ class VolumeService:
 
     async def delete_volume(self, volume) -> dict:
         vid = check_id(volume, "volume")
+        info, _ = await self._blocking("reading", self._state, vid)
+        if info and len(info) > 1:
+            raise Busy(f"volume {vid} has snapshots")
+        vol = self.volumes.get(vid)
+        if vol is not None and vol.users - (vid in self.jobs) > 0:
+            raise Busy(f"volume {vid} is in use")
         job = self.jobs.get(vid)
         if job is not None:
-            job.scope.cancel()
+            job.scope.cancel()  # a merge of a deleted snapshot: the volume goes anyway
         async with self.locked(vid):
             info, exists = await self._blocking("reading", self._state, vid)
             if info and len(info) > 1:
