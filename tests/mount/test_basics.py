@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +117,19 @@ def test_snapshot_files_are_read_only(mounted):
     with pytest.raises(OSError) as e:
         open(mounted.path(".snapshots", "volume-r", "s"), "r+b")
     assert e.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_check_repair_refuses_a_live_volume(mounted):
+    with Client(mounted.mnt) as c:
+        c.request("create-volume", volume="live", size=MiB, format="qcow2")
+    fd = os.open(mounted.path("volume-live"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        r = subprocess.run([sys.executable, "-m", "snapfs.cli", "check", "--repair",
+                            mounted.share_path("volume-live")], capture_output=True, text=True)
+        assert r.returncode == 1 and "in use" in r.stderr, (r.returncode, r.stdout, r.stderr)
+        r = subprocess.run([sys.executable, "-m", "snapfs.cli", "check",
+                            mounted.share_path("volume-live")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        os.close(fd)
