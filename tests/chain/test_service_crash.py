@@ -473,11 +473,13 @@ def test_kill_anywhere(tmp_path: Path) -> None:
                                name, request, touched, old_state)
                    for name, request, touched in OPS]
         plans = []
+        durations = []
         for (name, request, touched), fut in zip(OPS, futures):
             _, new_state, elapsed, problem = fut.result()
             if problem:
                 problems.setdefault(name, []).append(problem)
                 continue
+            durations.append(f"{name} {elapsed * 1000:.0f} ms")
             span = min(MAX_DELAY, max(elapsed * 1.25, 0.002))
             for k in range(KILLS):  # stratified over the operation's duration
                 plans.append((name, request, touched, new_state,
@@ -492,7 +494,8 @@ def test_kill_anywhere(tmp_path: Path) -> None:
             if problem:
                 problems.setdefault(name, []).append(problem)
 
-    print(f"\n{len(plans)} kill points; where the kills landed: {phases}")
+    print(f"\noperations (undisturbed): {', '.join(durations)}")
+    print(f"{len(plans)} kill points; where the kills landed: {phases}")
     if problems:
         lines = []
         for name, ps in problems.items():
