@@ -565,7 +565,10 @@ class VolumeService:
             _, exists = await self._blocking("reading", self._state, vid)
             if not exists:
                 raise NotFound(f"no volume {vid}")
-            return {"volume": vid, "state": "failed", "reason": self.failed[vid]}
+            # The volume cannot be opened: the contract's keys all the same, with what is known.
+            return {"volume": vid, "size": 0, "base_format": None, "active": None,
+                    "files": [], "snapshots": [], "allocated": 0, "state": "failed",
+                    "reason": self.failed[vid]}
         async with self.hold(vid) as vol:
             info = await self._blocking("reading", self.share.read_info, vid) or {
                 "active": base_name(vid)}
