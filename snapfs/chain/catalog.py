@@ -100,6 +100,14 @@ class Share:
         finally:
             os.close(fd)
 
+    def replace(self, src: str, dst: str) -> None:
+        """Rename share file ``src`` over ``dst`` durably (one atomic step on the share)."""
+        try:
+            os.rename(self.path(src), self.path(dst))
+        except OSError as exc:
+            raise from_oserror(exc, f"renaming {src} to {dst}") from None
+        self.sync_dir()
+
     def remove(self, name: str) -> bool:
         try:
             os.unlink(self.path(name))

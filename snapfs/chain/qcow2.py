@@ -207,18 +207,19 @@ class Qcow2Image:
             await self._write_header()
             self.dirty_on_disk = False
 
-    async def set_backing_file(self, name: str, fmt: str) -> None:
-        """Rewrite the backing file name and format in the header (``qemu-img rebase -u``)."""
+    async def set_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name and format in the header (``qemu-img rebase -u``);
+        ``None`` leaves the image with no backing file."""
         h = self.h
-        exts = b"".join(encode_extension(t, d) for t, d in
-                        [(EXT_BACKING_FORMAT, fmt.encode())] + h.extensions)
+        own = [(EXT_BACKING_FORMAT, fmt.encode())] if name is not None else []
+        exts = b"".join(encode_extension(t, d) for t, d in own + h.extensions)
         exts += bytes(8)  # end of extensions
-        raw = name.encode()
+        raw = name.encode() if name is not None else b""
         if h.header_length + len(exts) + len(raw) > self.cs or len(raw) > 1023:
             raise Invalid("the backing file name does not fit in the header")
         async with self.lock:
             offset, size = h.backing_file_offset, h.backing_file_size
-            h.backing_file_offset = h.header_length + len(exts)
+            h.backing_file_offset = h.header_length + len(exts) if raw else 0
             h.backing_file_size = len(raw)
             data = h.encode_fixed() + exts + raw
             # A frozen image is open read-only: rewrite its header through a descriptor of

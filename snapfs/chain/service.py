@@ -400,8 +400,23 @@ class VolumeService:
     async def _merge(self, vol: Volume, name: str, progress) -> None:
         vid = vol.vid
         if name in vol.names():
-            was_active = vol.names()[-1] == name
-            await vol.commit_down(name, progress)
+            names = vol.names()
+            was_active = names[-1] == name
+            i = names.index(name)
+            up = await vol.merge_direction(name) == "up"
+            intent = await self._blocking("reading", self.share.read_intent, vid) or {}
+            intent = {"op": "merge", "snapshot": intent.get("snapshot"), "file": name}
+            if up:
+                # Renaming steps follow: recovery needs to know which files they touch.
+                intent["into"] = names[i - 1]
+                intent["child"] = names[i + 1] if i + 1 < len(names) else None
+            await self._blocking("recording", self.share.write_intent, vid, intent)
+            if up:
+                log.info("volume %s: merging %s by streaming %s up", vid, name, names[i - 1])
+                await vol.stream_up(name, progress)
+            else:
+                log.info("volume %s: merging %s down into %s", vid, name, names[i - 1])
+                await vol.commit_down(name, progress)
             if was_active:
                 info = await self._blocking("reading", self.share.read_info, vid) or {}
                 info["active"] = vol.names()[-1]
@@ -706,6 +721,8 @@ class VolumeService:
             elif op == "clone":
                 await self._blocking("cleaning", self.share.clear_intent, vid)
                 return
+        if op == "merge" and intent.get("into") and await self._settle_stream_up(vid, intent):
+            return
         await self._acquire(vid)
         try:
             vol = await self.volume(vid)
@@ -721,6 +738,38 @@ class VolumeService:
         finally:
             self._release(vid)
             await self.release(vid)
+
+    async def _settle_stream_up(self, vid: str, intent: dict) -> bool:
+        """Finish the renaming steps of an interrupted stream-up merge, before the chain is
+        opened (it may name a file that is already renamed).  True when the merge is done;
+        False when it had not switched yet and must run again."""
+        upper, lower, child = intent["file"], intent["into"], intent.get("child")
+        if await self._blocking("reading", self.share.exists, upper):
+            if await _backing_of(self.share.path(upper)) == lower:
+                return False
+            await self._blocking("renaming", self.share.replace, upper, lower)
+        if child and await self._blocking("reading", self.share.exists, child):
+            img = await open_image(self.share.path(child), "qcow2")
+            try:
+                if img.h.backing_file == upper:  # renamed, but the child not yet re-pointed
+                    await img.set_backing_file(lower, "qcow2")
+            finally:
+                await img.close()
+        info = await self._blocking("reading", self.share.read_info, vid)
+        if info and info.get("active") == upper:
+            info["active"] = lower
+            await self._blocking("recording", self.share.write_info, vid, info)
+        await self._blocking("cleaning", self.share.clear_intent, vid)
+        log.info("volume %s: finished the interrupted merge of %s into %s", vid, upper, lower)
+        return True
+
+
+async def _backing_of(path: str) -> str | None:
+    img = await open_image(path, "qcow2")
+    try:
+        return img.h.backing_file
+    finally:
+        await img.close()
 
 
 def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

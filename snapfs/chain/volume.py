@@ -7,6 +7,7 @@ exclusively for milliseconds.  Operations that change the chain hold ``lock`` (o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,11 +18,12 @@ from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.errors import Corrupt, Invalid, NoSpace, NotFound
-from snapfs.io import Gate, Lock
+from snapfs.io import Gate, Lock, run_blocking
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 4 << 20
+STREAM_CHUNK = 1 << 20  # written under the gate when streaming into the active image
 
 
 class Volume:
@@ -208,6 +210,65 @@ class Volume:
             raise
 
 
+    async def merge_direction(self, name: str) -> str:
+        """``"down"`` (commit ``name`` into the file below) or ``"up"`` (stream the file below
+        into ``name``): whichever copies less.  Streaming up needs a qcow2 file below, since
+        ``name`` takes its place and its name."""
+        i = self.names().index(name)
+        if i == 0:
+            raise Invalid("the base file cannot be merged")
+        upper, lower = self.images[i], self.images[i - 1]
+        if not isinstance(lower, Qcow2Image):
+            return "down"
+        return "up" if await own_bytes(lower) < await own_bytes(upper) else "down"
+
+    async def stream_up(self, name: str, on_progress=None) -> None:
+        """Merge the file below ``name`` into ``name``, which then takes its place and name.
+
+        ``name`` receives the lower file's own data wherever it holds none of its own (guest
+        I/O continues), is pointed at the lower file's backing, and is renamed over the lower
+        file; the image above it is pointed at the new name.  The result on the share is the
+        one a commit down leaves (CONTRACT.md section 1), reached by copying the smaller side."""
+        i = self.names().index(name)
+        upper_ro, lower = self.images[i], self.images[i - 1]
+        if i == 0 or not isinstance(lower, Qcow2Image):
+            raise Invalid(f"{name} cannot be streamed up into a non-qcow2 file")
+        active = upper_ro is self.top
+        if active:
+            upper = upper_ro
+        else:
+            upper = await open_image(upper_ro.path, "qcow2", writable=True)
+            upper.backing = lower
+        try:
+            await stream_runs(lower, upper, self.gate if active else None, on_progress)
+            async with self.gate.exclusive():
+                await upper.flush()
+                below = lower.backing
+                if below is None:
+                    await upper.set_backing_file(None, None)
+                else:
+                    await upper.set_backing_file(os.path.basename(below.path), below.format)
+                lower_name = os.path.basename(lower.path)
+                await run_blocking(upper.f.inline, "renaming", self.share.replace, name, lower_name)
+                upper.path = upper.f.path = lower.path
+                upper.backing = below
+                lower.backing = None
+                await lower.close()  # frozen: only its descriptor goes
+                if not active:
+                    upper_ro.backing = None
+                    await upper_ro.close()
+                    freeze(upper)
+                self.images[i - 1:i + 1] = [upper]
+                if i < len(self.images):
+                    child = self.images[i]
+                    child.backing = upper
+                    await set_backing(child, upper)
+        except BaseException:
+            if upper not in self.images:
+                upper.backing = None
+                await upper.close()
+            raise
+
 def freeze(img: Image) -> None:
     """An image that will not be written again: refuse writes, let qemu-img open it."""
     img.writable = False
@@ -240,6 +301,48 @@ async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
             done += n
             if on_progress:
                 on_progress(done, total)
+
+
+async def stream_runs(src: Image, dst: Image, gate: Gate | None, on_progress) -> None:
+    """Copy ``src``'s own runs into ``dst`` wherever ``dst`` holds nothing of its own.
+
+    With ``gate`` (``dst`` is live), each chunk is checked and written under the gate held
+    exclusively, so a guest write can never land between the check and the copy."""
+    size = min(src.size, dst.size)
+    for pos in range(0, size, STREAM_CHUNK):
+        n = min(STREAM_CHUNK, size - pos)
+        runs = [r for r in await own_map(src, pos, n) if r.kind != ex.UNALLOC]
+        if runs:
+            data = {r.offset: await src.read(r.offset, r.length)
+                    for r in runs if r.kind != ex.ZERO}
+            async with gate.exclusive() if gate is not None else contextlib.nullcontext():
+                holes = [(r.offset, r.length) for r in await own_map(dst, pos, n)
+                         if r.kind == ex.UNALLOC]
+                for r in runs:
+                    for off, ln in _overlaps(r.offset, r.length, holes):
+                        if r.kind == ex.ZERO:
+                            await dst.write_zeroes(off, ln)
+                        else:
+                            skip = off - r.offset
+                            await dst.write(off, memoryview(data[r.offset])[skip:skip + ln])
+        if on_progress:
+            on_progress(pos + n, size)
+
+
+def _overlaps(offset: int, length: int, ranges) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` inside ``[offset, offset + length)``."""
+    out = []
+    for o, n in ranges:
+        start, end = max(o, offset), min(o + n, offset + length)
+        if start < end:
+            out.append((start, end - start))
+    return out
+
+
+async def own_bytes(img: Image) -> int:
+    """Bytes ``img`` itself stores: what merging it in either direction must copy."""
+    return sum(r.length for r in await own_map(img, 0, img.size)
+               if r.kind in (ex.DATA, ex.COMPRESSED))
 
 
 async def own_map(img: Image, offset: int, length: int) -> list[ex.Extent]:

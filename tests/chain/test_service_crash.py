@@ -24,7 +24,7 @@ the child printed ``replied`` (a completed control operation is never lost).  Be
 
 All kill points are run (two at a time) and every failure is reported at the end, grouped by
 operation.  Knobs: ``SNAPFS_CRASH_SEED``, ``SNAPFS_CRASH_KILLS`` (kill points per operation,
-default 6; 21 operations).
+default 6; 23 operations).
 """
 
 from __future__ import annotations
@@ -137,6 +137,20 @@ async def build(root: Path) -> None:
             await scatter(svc, "E", rng, 2 * MIB, 32 * MIB)
             await h({"op": "create-snapshot", "volume": "E", "snapshot": sid})
         await scatter(svc, "E", rng, 2 * MIB, 32 * MIB)
+        # F: qcow2 base holding little under a big f1 overlay (deleting f1 streams the base up)
+        await h({"op": "create-volume", "volume": "F", "size": 32 * MIB, "format": "qcow2"})
+        await scatter(svc, "F", rng, 1 * MIB, 32 * MIB)
+        await h({"op": "create-snapshot", "volume": "F", "snapshot": "f1"})
+        await scatter(svc, "F", rng, 6 * MIB, 32 * MIB)
+        await h({"op": "create-snapshot", "volume": "F", "snapshot": "f2"})
+        await scatter(svc, "F", rng, 1 * MIB, 32 * MIB)
+        # G: raw base, a small g1 overlay under a big active g2 overlay
+        await h({"op": "create-volume", "volume": "G", "size": 32 * MIB, "format": "raw"})
+        await scatter(svc, "G", rng, 4 * MIB, 32 * MIB)
+        await h({"op": "create-snapshot", "volume": "G", "snapshot": "g1"})
+        await scatter(svc, "G", rng, 1 * MIB, 32 * MIB)
+        await h({"op": "create-snapshot", "volume": "G", "snapshot": "g2"})
+        await scatter(svc, "G", rng, 6 * MIB, 32 * MIB)
     # files waiting to be managed
     with open(root / "import.img", "wb") as f:
         f.truncate(32 * MIB)
@@ -168,6 +182,10 @@ OPS = [
      {"B"}),
     ("delete-snapshot-oldest-of-3", {"op": "delete-snapshot", "volume": "E", "snapshot": "e1"},
      {"E"}),
+    ("delete-snapshot-stream-into-base", {"op": "delete-snapshot", "volume": "F",
+                                          "snapshot": "f1"}, {"F"}),
+    ("delete-snapshot-stream-up-active", {"op": "delete-snapshot", "volume": "G",
+                                          "snapshot": "g2"}, {"G"}),
     ("clone-volume-qcow2", {"op": "clone", "volume": "N", "source_volume": "A",
                             "format": "qcow2"}, {"N", "A"}),
     ("clone-snapshot-raw-larger", {"op": "clone", "volume": "N", "source_volume": "A",
@@ -186,6 +204,10 @@ OPS = [
     ("manage-qcow2", {"op": "manage", "volume": "M", "source": "import.qcow2",
                       "format": "qcow2"}, {"M"}),
 ]
+
+#: merges that must go up (overlay, lower file): the lower file's name ends on the overlay's inode
+STREAMED_UP = {"delete-snapshot-stream-into-base": ("volume-F.f1", "volume-F"),
+               "delete-snapshot-stream-up-active": ("volume-G.g2", "volume-G.g1")}
 
 # --------------------------------------------------------------------------------------------
 # the state of a share, and what must hold after recovery
@@ -408,6 +430,8 @@ def calibrate(script: Path, template: Path, work: Path, name: str, request: dict
     """The undisturbed run: (name, new state, seconds the operation took, problem)."""
     copy_share(template, work)
     try:
+        streamed = STREAMED_UP.get(name)
+        upper_ino = os.stat(work / streamed[0]).st_ino if streamed else None
         out = run_child(script, work, request, None)
         if out.returncode != 0 or not any(w.startswith("done") for w in out.said):
             raise Problem(f"undisturbed run failed (exit {out.returncode}): {out.said} "
@@ -420,6 +444,8 @@ def calibrate(script: Path, template: Path, work: Path, name: str, request: dict
         if new_state == old_state:
             raise Problem("the undisturbed run changed nothing")
         check_new_state(name, request, old_state, new_state)
+        if streamed and os.stat(work / streamed[1]).st_ino != upper_ino:
+            raise Problem(f"{streamed[0]} was committed down, not streamed up")
         return name, new_state, elapsed, None
     except Problem as exc:
         return name, None, 0.0, f"[undisturbed run] {exc}"

@@ -1,0 +1,250 @@
+"""delete-snapshot merges the smaller side (issue: volumes and snapshots).
+
+When the deleted snapshot's overlay holds more than the qcow2 file below it, snapfs streams the
+lower file up into the overlay and renames the overlay over the lower file's name, instead of
+committing the big delta down.  Which way it went is visible on the share: after a stream up
+the lower file's NAME holds the overlay's INODE.  Either way the share must end up as upstream
+Cinder leaves it (same names, same ``.info``), every snapshot and the volume keep their content
+-- also with a guest writing to the volume during the merge -- and ``qemu-img`` agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapfs.chain.catalog import Share
+from snapfs.chain.service import VolumeService
+from tests import qemu
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+
+
+def blob(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class Model:
+    """What the volume and each snapshot must read."""
+
+    def __init__(self, size: int):
+        self.volume = bytearray(size)
+        self.snapshots: dict[str, bytes] = {}
+
+    def write(self, off: int, data: bytes) -> None:
+        self.volume[off:off + len(data)] = data
+
+
+async def write(svc: VolumeService, model: Model, vid: str, off: int, data: bytes) -> None:
+    async with svc.hold(vid) as vol:
+        await vol.write(off, data)
+        await vol.flush()
+    model.write(off, data)
+
+
+async def spread(svc, model, vid, seed: int, total: int, piece: int = 256 << 10) -> None:
+    rng = random.Random(seed)
+    for k in range(total // piece):
+        off = rng.randrange(0, SIZE - piece) & ~4095
+        await write(svc, model, vid, off, blob(seed * 1000 + k, piece))
+
+
+async def snapshot(svc, model, vid: str, sid: str) -> None:
+    await svc.handle({"op": "create-snapshot", "volume": vid, "snapshot": sid})
+    model.snapshots[sid] = bytes(model.volume)
+
+
+def ino(root: Path, name: str) -> int:
+    return os.stat(root / name).st_ino
+
+
+async def verify(svc: VolumeService, root: Path, vid: str, model: Model, tmp: Path) -> None:
+    async with svc.hold(vid) as vol:
+        assert await vol.read(0, SIZE) == bytes(model.volume), "volume content"
+        for sid, want in model.snapshots.items():
+            assert await vol.read_snapshot(sid, 0, SIZE) == want, f"snapshot {sid} content"
+    info = json.loads((root / f"volume-{vid}.info").read_text())
+    expected = {sid: f"volume-{vid}.{sid}" for sid in model.snapshots}
+    assert {k: v for k, v in info.items() if k != "active"} == expected
+    files = sorted(p.name for p in root.iterdir() if p.name.startswith(f"volume-{vid}"))
+    assert files == sorted([f"volume-{vid}", f"volume-{vid}.info", *expected.values()])
+    for name in files:
+        if not name.endswith(".info") and qemu.info(str(root / name))["format"] == "qcow2":
+            rc, out = qemu.check(str(root / name))
+            assert rc == 0, f"qemu-img check {name}: {out}"
+    assert qemu.to_raw(str(root / info["active"]), str(tmp / "out.raw")) == bytes(model.volume)
+
+
+def run(fn, *args):
+    trio.run(fn, *args)
+
+
+def test_stream_up_into_the_overlay_below_while_the_guest_writes(tmp_path: Path) -> None:
+    """Raw base, small s1 overlay, big active s2 overlay: deleting s2 streams s1's overlay up."""
+    root = tmp_path / "share"
+    root.mkdir()
+
+    async def main():
+        model = Model(SIZE)
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await svc.handle({"op": "create-volume", "volume": "v", "size": SIZE, "format": "raw"})
+            await spread(svc, model, "v", 1, 2 * MIB)
+            await snapshot(svc, model, "v", "s1")
+            await spread(svc, model, "v", 2, MIB)
+            await snapshot(svc, model, "v", "s2")
+            await spread(svc, model, "v", 3, 8 * MIB)
+            upper = ino(root, "volume-v.s2")
+            async with svc.hold("v"):
+                await svc.handle({"op": "delete-snapshot", "volume": "v", "snapshot": "s2"})
+                del model.snapshots["s2"]
+                # the guest keeps writing while the merge streams (small blocks, many switches)
+                k = 0
+                while svc.jobs:
+                    await write(svc, model, "v", (k * 12288 + 4096) % (SIZE - 8192),
+                                blob(5000 + k, 8192))
+                    k += 1
+            assert ino(root, "volume-v.s1") == upper, "the s1 file must now be the old s2 overlay"
+            assert not (root / "volume-v.s2").exists()
+            info = json.loads((root / "volume-v.info").read_text())
+            assert info["active"] == "volume-v.s1"
+            assert qemu.info(str(root / "volume-v.s1"))["backing-filename"] == "volume-v"
+            await verify(svc, root, "v", model, tmp_path)
+        # and again from a fresh start, as another daemon would open it
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await verify(svc, root, "v", model, tmp_path)
+
+    run(main)
+
+
+def test_stream_up_into_a_qcow2_base_rebases_the_child(tmp_path: Path) -> None:
+    """qcow2 base holding little, big s1 overlay under the active one: deleting s1 streams the
+    base up into s1's overlay, which becomes the base (no backing) and the active file is
+    pointed at it."""
+    root = tmp_path / "share"
+    root.mkdir()
+
+    async def main():
+        model = Model(SIZE)
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await svc.handle({"op": "create-volume", "volume": "q", "size": SIZE,
+                              "format": "qcow2"})
+            await spread(svc, model, "q", 11, MIB)
+            await snapshot(svc, model, "q", "s1")
+            await spread(svc, model, "q", 12, 8 * MIB)
+            await snapshot(svc, model, "q", "s2")
+            await spread(svc, model, "q", 13, MIB)
+            upper = ino(root, "volume-q.s1")
+            await svc.handle({"op": "delete-snapshot", "volume": "q", "snapshot": "s1"})
+            del model.snapshots["s1"]
+            await svc.wait_idle()
+            assert ino(root, "volume-q") == upper, "the base must now be the old s1 overlay"
+            base = qemu.info(str(root / "volume-q"))
+            assert base["format"] == "qcow2" and "backing-filename" not in base
+            assert qemu.info(str(root / "volume-q.s2"))["backing-filename"] == "volume-q"
+            await verify(svc, root, "q", model, tmp_path)
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await verify(svc, root, "q", model, tmp_path)
+
+    run(main)
+
+
+def test_small_overlay_is_committed_down(tmp_path: Path) -> None:
+    """The usual case (a small delta over a big file) keeps committing down: the lower file
+    keeps its inode."""
+    root = tmp_path / "share"
+    root.mkdir()
+
+    async def main():
+        model = Model(SIZE)
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await svc.handle({"op": "create-volume", "volume": "d", "size": SIZE,
+                              "format": "qcow2"})
+            await spread(svc, model, "d", 21, 8 * MIB)
+            await snapshot(svc, model, "d", "s1")
+            await spread(svc, model, "d", 22, MIB)
+            lower = ino(root, "volume-d")
+            await svc.handle({"op": "delete-snapshot", "volume": "d", "snapshot": "s1"})
+            del model.snapshots["s1"]
+            await svc.wait_idle()
+            assert ino(root, "volume-d") == lower
+            assert not (root / "volume-d.s1").exists()
+            await verify(svc, root, "d", model, tmp_path)
+
+    run(main)
+
+
+# --------------------------------------------------------------------------------------------
+# recovery of each on-disk step of a stream up
+# --------------------------------------------------------------------------------------------
+
+#: (volume, base format, MiB written before s1, between s1 and s2, after s2, snapshot deleted)
+SHAPES = {"active": ("a", "raw", 2, 1, 8, "s2"), "child": ("c", "qcow2", 1, 8, 1, "s1")}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("step", ["rebased", "renamed"])
+def test_recovery_finishes_an_interrupted_stream_up(tmp_path: Path, shape: str, step: str):
+    """The share as a crash leaves it after each renaming step of a stream up -- ``rebased``:
+    the overlay already points at the lower file's backing but still has its own name;
+    ``renamed``: it has the lower file's name but the child (or ``.info``'s active) still names
+    it -- with the merge's intent on the share: opening the share finishes the merge."""
+    root = tmp_path / "share"
+    root.mkdir()
+    vid, fmt, before, between, after, sid = SHAPES[shape]
+    model = Model(SIZE)
+    upper = f"volume-{vid}.{sid}"
+    lower = f"volume-{vid}" if sid == "s1" else f"volume-{vid}.s1"
+    child = f"volume-{vid}.s2" if sid == "s1" else None
+
+    async def prepare():
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await svc.handle({"op": "create-volume", "volume": vid, "size": SIZE, "format": fmt})
+            await spread(svc, model, vid, 31, before * MIB)
+            await snapshot(svc, model, vid, "s1")
+            await spread(svc, model, vid, 32, between * MIB)
+            await snapshot(svc, model, vid, "s2")
+            await spread(svc, model, vid, 33, after * MIB)
+        shutil.copyfile(root / lower, tmp_path / "lower.saved")
+        svc = VolumeService(str(root))
+        async with svc.running():
+            await svc.handle({"op": "delete-snapshot", "volume": vid, "snapshot": sid})
+            del model.snapshots[sid]
+            await svc.wait_idle()
+
+    trio.run(prepare)
+    merged = ino(root, lower)
+    # wind the share back to the crash point
+    if child:
+        qemu.img("rebase", "-u", "-b", upper, "-F", "qcow2", str(root / child))
+    else:
+        info = json.loads((root / f"volume-{vid}.info").read_text())
+        info["active"] = upper
+        Share(str(root)).write_info(vid, info)
+    if step == "rebased":
+        os.rename(root / lower, root / upper)
+        shutil.copyfile(tmp_path / "lower.saved", root / lower)
+    Share(str(root)).write_intent(vid, {"op": "merge", "snapshot": sid, "file": upper,
+                                        "into": lower, "child": child})
+
+    async def recover():
+        svc = VolumeService(str(root))
+        async with svc.running():
+            assert not svc.failed
+            await verify(svc, root, vid, model, tmp_path)
+        assert Share(str(root)).intents() == []
+        assert ino(root, lower) == merged
+
+    trio.run(recover)
