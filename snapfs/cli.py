@@ -129,12 +129,18 @@ async def share_info(share: str, volume: str | None) -> int:
     out = []
     for vid in vids:
         try:
-            out.append(await svc.info(vid))
+            info = await svc.info(vid)
+            status = await svc.volume_status(vid)
+            info["allocated"] = status["allocated"]
+            out.append(info)
         except SnapfsError as exc:
             out.append({"volume": vid, "state": "failed", "reason": exc.message})
         await svc.release(vid)
     st = os.statvfs(share)
     print(json.dumps({"share": os.path.abspath(share), "free_bytes": st.f_bavail * st.f_frsize,
+                      "total_bytes": st.f_blocks * st.f_frsize,
+                      "provisioned_bytes": sum(v.get("size", 0) for v in out),
+                      "allocated_bytes": sum(v.get("allocated", 0) for v in out),
                       "volumes": out}, indent=1))
     return 0
 

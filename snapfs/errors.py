@@ -43,6 +43,10 @@ class NoSpace(SnapfsError):
     errno = _errno.ENOSPC
 
 
+class PastEnd(NoSpace):
+    """A write beyond a volume's end: ENOSPC, as a block device answers; not a share fault."""
+
+
 class ReadOnly(SnapfsError):
     errno = _errno.EROFS
 

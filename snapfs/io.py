@@ -8,13 +8,16 @@ imports trio; it takes its lock type from here too.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+import threading
+import time
 
 import trio
 
-from snapfs.errors import Invalid, from_oserror
+from snapfs.errors import Invalid, ShareIOError, from_oserror
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +27,31 @@ Semaphore = trio.Semaphore
 Cancelled = trio.Cancelled
 open_nursery = trio.open_nursery
 CancelScope = trio.CancelScope
+move_on_after = trio.move_on_after
 
 #: File systems whose calls can wait on a network or another process.
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
 
 _LIMITER: trio.lowlevel.RunVar = trio.lowlevel.RunVar("snapfs_io_limiter")
 THREADS = 16
+
+#: Seconds a call on a share that can block may take before the request fails with EIO (the
+#: call itself goes on in its thread and is forgotten).  ``io_timeout=`` sets it per mount.
+TIMEOUT = 60.0
+
+#: Milliseconds added to every call on the share: a slow share, for benchmarks and tests.
+DELAY = float(os.environ.get("SNAPFS_IO_DELAY_MS", "0") or 0) / 1000
+
+
+def set_timeout(seconds: float) -> None:
+    global TIMEOUT
+    if seconds <= 0:
+        raise ValueError("the I/O timeout must be positive")
+    TIMEOUT = seconds
+
+
+class ShareTimeout(ShareIOError):
+    """A call on the share did not return in time (a share that went away)."""
 
 
 def _limiter() -> trio.CapacityLimiter:
@@ -62,8 +84,11 @@ def fs_type(path: str) -> str:
 def inline_policy(path: str) -> bool:
     """True when calls on files under ``path`` cannot block on the network.
 
-    ``SNAPFS_IO=thread`` or ``SNAPFS_IO=inline`` overrides the detection (tests, benchmarks).
+    ``SNAPFS_IO=thread`` or ``SNAPFS_IO=inline`` overrides the detection (tests, benchmarks);
+    an injected delay always uses threads, as a slow share must.
     """
+    if DELAY:
+        return False
     forced = os.environ.get("SNAPFS_IO")
     if forced in ("thread", "inline"):
         return forced == "inline"
@@ -72,7 +97,11 @@ def inline_policy(path: str) -> bool:
 
 
 class BlockFile:
-    """An open file on the share with positional I/O only (never a shared file offset)."""
+    """An open file on the share with positional I/O only (never a shared file offset).
+
+    A call that the share answers with ESTALE (an NFS server that forgot the handle) reopens
+    the file by name and is retried once; ``relock`` then takes the image locks again.  The
+    descriptor is closed only once no abandoned call (timed out) can still use it."""
 
     def __init__(self, path: str, fd: int, writable: bool, inline: bool):
         self.path = path
@@ -80,6 +109,9 @@ class BlockFile:
         self.writable = writable
         self.inline = inline
         self.closed = False
+        self.relock = None  # called with the new descriptor after a reopen
+        self._busy = 0  # calls running in worker threads
+        self._mutex = threading.Lock()
 
     @classmethod
     async def open(cls, path: str, *, writable: bool = False, create: bool = False,
@@ -103,19 +135,57 @@ class BlockFile:
         return cls(path, fd, writable, inline)
 
     async def _run(self, what: str, fn, *args):
-        return await _call(self.inline, f"{what} {self.path}", fn, *args)
+        try:
+            return await self._call(what, fn, *args)
+        except _Stale:
+            pass
+        log.warning("%s: stale file handle; reopening it by name", self.path)
+        try:
+            await self._call("reopen", self._reopen)
+            return await self._call(what, fn, *args)
+        except _Stale:
+            raise ShareIOError(f"{what} {self.path}: stale file handle, also after reopening "
+                               "it") from None
+
+    async def _call(self, what: str, fn, *args):
+        if self.inline:
+            return await _call(True, f"{what} {self.path}", _estale(fn), self.fd, *args)
+        with self._mutex:
+            if self.closed:
+                raise ShareIOError(f"{what} {self.path}: the file is closed")
+            self._busy += 1
+        return await _call(False, f"{what} {self.path}", self._in_thread, fn, *args)
+
+    def _in_thread(self, fn, *args):
+        try:
+            return _estale(fn)(self.fd, *args)
+        finally:
+            with self._mutex:
+                self._busy -= 1
+                if self.closed and not self._busy:
+                    os.close(self.fd)
+
+    def _reopen(self, fd: int) -> None:
+        new = os.open(self.path, (os.O_RDWR if self.writable else os.O_RDONLY)
+                      | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.dup2(new, fd)  # keep the number: the engine may hold it
+        finally:
+            os.close(new)
+        if self.relock is not None:
+            self.relock(fd)
 
     async def pread(self, offset: int, length: int) -> bytes:
         """Read up to ``length`` bytes; shorter only at end of file."""
         if length <= 0:
             return b""
-        data = await self._run("read", os.pread, self.fd, length, offset)
+        data = await self._run("read", os.pread, length, offset)
         if len(data) < length:
             # A short read not at EOF (signals, some network file systems): finish it.
             parts = [data]
             got = len(data)
             while got < length:
-                more = await self._run("read", os.pread, self.fd, length - got, offset + got)
+                more = await self._run("read", os.pread, length - got, offset + got)
                 if not more:
                     break
                 parts.append(more)
@@ -126,41 +196,72 @@ class BlockFile:
     async def pwrite(self, offset: int, data) -> None:
         view = memoryview(data)
         while len(view):
-            n = await self._run("write", os.pwrite, self.fd, view, offset)
+            n = await self._run("write", os.pwrite, view, offset)
             view = view[n:]
             offset += n
 
     async def fsync(self) -> None:
-        await self._run("fsync", os.fsync, self.fd)
+        await self._run("fsync", os.fsync)
 
     async def fdatasync(self) -> None:
-        await self._run("fdatasync", os.fdatasync, self.fd)
+        await self._run("fdatasync", os.fdatasync)
 
     async def truncate(self, size: int) -> None:
-        await self._run("truncate", os.ftruncate, self.fd, size)
+        await self._run("truncate", os.ftruncate, size)
 
     async def size(self) -> int:
-        st = await self._run("stat", os.fstat, self.fd)
+        st = await self._run("stat", os.fstat)
         return st.st_size
 
     async def stat(self) -> os.stat_result:
-        return await self._run("stat", os.fstat, self.fd)
+        return await self._run("stat", os.fstat)
 
     async def close(self) -> None:
-        if not self.closed:
+        with self._mutex:
+            if self.closed:
+                return
             self.closed = True
-            os.close(self.fd)
+            if self._busy:
+                return  # the last abandoned call closes it
+        os.close(self.fd)
+
+
+class _Stale(Exception):
+    pass
+
+
+def _estale(fn):
+    def call(*args):
+        try:
+            return fn(*args)
+        except OSError as exc:
+            if exc.errno == errno.ESTALE:
+                raise _Stale() from None
+            raise
+    return call
 
 
 async def _call(inline: bool, what: str, fn, *args):
     try:
         if inline:
             return fn(*args)
-        return await trio.to_thread.run_sync(fn, *args, limiter=_limiter())
+        if DELAY:
+            fn = _delayed(fn)
+        with trio.move_on_after(TIMEOUT):
+            return await trio.to_thread.run_sync(fn, *args, limiter=_limiter(),
+                                                 abandon_on_cancel=True)
+        raise ShareTimeout(f"{what}: the share did not answer within {TIMEOUT:g} s")
     except OSError as exc:
         raise from_oserror(exc, what) from None
     except OverflowError:
         raise Invalid(f"{what}: offset out of range") from None
+
+
+def _delayed(fn):
+    def call(*args):
+        time.sleep(DELAY)
+        return fn(*args)
+    return call
 
 
 async def checkpoint() -> None:

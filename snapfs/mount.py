@@ -47,6 +47,8 @@ class MountConfig:
     unrecorded_format: str | None = None
     foreground: bool = False
     fake: bool = False
+    io_timeout: float = 60.0
+    space_warn: float = 10.0
 
 
 class UsageError(Exception):
@@ -106,6 +108,10 @@ def parse_args(argv: list[str]) -> MountConfig:
                 cfg.ctl_gid = _group(value)
             elif key == "unrecorded_format" and value in ("raw", "qcow2"):
                 cfg.unrecorded_format = value
+            elif key == "io_timeout" and float(value) > 0:
+                cfg.io_timeout = float(value)
+            elif key == "space_warn" and 0 <= float(value) <= 100:
+                cfg.space_warn = float(value)
             else:
                 raise UsageError(f"unknown option {opt!r}")
         except ValueError:
@@ -132,10 +138,11 @@ def setup_logging(cfg: MountConfig) -> None:
         handler = logging.NullHandler()
     handler.setFormatter(fmt)
     root.handlers[:] = [handler]
-    if cfg.log_path:
-        faulthandler.enable(open(cfg.log_path, "a"))  # noqa: SIM115 (lives as long as we do)
-    elif cfg.foreground:
-        faulthandler.enable()
+    # Tracebacks of every thread on a crash, and on SIGUSR1 (a daemon that seems stuck).
+    trace = open(cfg.log_path, "a") if cfg.log_path else sys.stderr  # noqa: SIM115 (lives on)
+    if cfg.log_path or cfg.foreground:
+        faulthandler.enable(trace)
+        faulthandler.register(signal.SIGUSR1, all_threads=True, file=trace)
 
 
 # -- the share lease ----------------------------------------------------------------------
@@ -195,11 +202,14 @@ def serve(cfg: MountConfig, ready) -> int:
 
     from snapfs.chain.service import VolumeService
     from snapfs.fs.operations import Operations, Options
+    from snapfs.io import set_timeout
 
     try:
         lease = acquire_lease(cfg)
+        set_timeout(cfg.io_timeout)
         svc = VolumeService(cfg.share, default_format="qcow2" if cfg.qcow2_volumes else "raw",
-                            file_mode=0o660, unrecorded_format=cfg.unrecorded_format)
+                            file_mode=0o660, unrecorded_format=cfg.unrecorded_format,
+                            space_warn=cfg.space_warn)
         ops = Operations(svc, Options(uid=cfg.uid, gid=cfg.gid, mode=cfg.mode,
                                       ctl_gid=cfg.ctl_gid, read_only=cfg.read_only,
                                       mountpoint=cfg.mountpoint))
@@ -239,6 +249,7 @@ async def _main(svc, ready, mountpoint: str) -> None:
     async with svc.running():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals)
+            nursery.start_soon(svc.watch_space)
             nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
             ready(None)
             await pyfuse3.main()

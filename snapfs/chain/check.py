@@ -87,11 +87,12 @@ async def check_image(path: str, fmt: str = "qcow2", repair: str | None = None) 
 
 
 async def check_and_repair(img: Qcow2Image, mode: str) -> CheckResult:
-    """Repair an image opened for writing that a crash left dirty (called while opening)."""
+    """Repair an image opened for writing that a crash left dirty (called while opening), or
+    whose writes the share refused (called while closing)."""
     res = await _check(img)
     if res.leaks or res.corruptions:
-        log.warning("%s: repairing after an unclean shutdown (%d leaked clusters, %d errors)",
-                    img.path, res.leaks, res.corruptions)
+        log.warning("%s: repairing %d leaked clusters, %d errors", img.path, res.leaks,
+                    res.corruptions)
         await _repair(img, res, mode)
         res = await _check(img)
         if res.corruptions:

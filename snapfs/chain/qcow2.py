@@ -66,6 +66,7 @@ class Qcow2Image:
         self.snapshots: list[Snapshot] = []
         self.lock = Lock()
         self.dirty_on_disk = bool(h.incompatible_features & INCOMPAT_DIRTY)
+        self.leaky = False  # a mutation failed after allocating: clusters may have leaked
         self.data_written = False
         self.readers = 0
         self._readers_idle: Event | None = None
@@ -121,6 +122,7 @@ class Qcow2Image:
 
     async def _open_for_writing(self) -> None:
         lock_for_writing(self.f.fd, os.path.basename(self.path))
+        self.f.relock = lambda fd: lock_for_writing(fd, os.path.basename(self.path))
         self.refs.meta = await self._metadata_clusters()
         h = self.h
         if h.incompatible_features & INCOMPAT_CORRUPT:
@@ -424,6 +426,9 @@ class Qcow2Image:
         except Corrupt as exc:
             self.failed = exc.message
             log.error("%s: %s; the image is now read-only", self.path, exc.message)
+            raise
+        except SnapfsError:
+            self.leaky = True  # a full or failing share: repaired when the image is closed
             raise
         await self._trim_caches()
         return result
@@ -785,11 +790,26 @@ class Qcow2Image:
             return
         try:
             if self.writable and not self.failed:
-                await self.flush()
+                await self.finish_writing()
         finally:
             await self.f.close()
             if self.backing is not None:
                 await self.backing.close()
+
+    async def finish_writing(self) -> None:
+        """Flush before the image is closed or frozen, and free the clusters that writes the
+        share refused left allocated: a clean close leaves no leaks, as qemu-img expects."""
+        await self.flush()
+        if not self.leaky:
+            return
+        from snapfs.chain.check import check_and_repair
+        try:
+            async with self.lock:
+                await check_and_repair(self, "leaks")
+            self.leaky = False
+        except SnapfsError as exc:
+            log.warning("%s: leaked clusters stay until the next open: %s", self.path,
+                        exc.message)
 
     def __repr__(self) -> str:
         return f"<Qcow2Image {os.path.basename(self.path)} {self.size}>"

@@ -31,6 +31,7 @@ class RawImage:
         try:
             if writable:
                 lock_for_writing(f.fd, os.path.basename(path))
+                f.relock = lambda fd: lock_for_writing(fd, os.path.basename(path))
             return cls(f, await f.size())
         except BaseException:
             await f.close()
@@ -110,6 +111,9 @@ class RawImage:
         if self.writable and self._dirty:
             await self.f.fdatasync()
             self._dirty = False
+
+    async def finish_writing(self) -> None:
+        await self.flush()
 
     async def allocated(self) -> int:
         st = await self.f.stat()

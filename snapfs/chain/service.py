@@ -23,9 +23,13 @@ from snapfs.chain.copy import clone_image
 from snapfs.chain.image import create_qcow2, create_raw, open_image
 from snapfs.chain.volume import Volume
 from snapfs.errors import Busy, Corrupt, Exists, Invalid, NotFound, SnapfsError
-from snapfs.io import CancelScope, Semaphore, open_nursery, run_blocking, sleep
+from snapfs.io import (CancelScope, Semaphore, move_on_after, open_nursery, run_blocking,
+                       sleep)
 
 log = logging.getLogger(__name__)
+
+STATUS_WAIT = 2.0  # seconds status waits for the share before answering from memory
+SPACE_INTERVAL = 30.0  # seconds between free-space checks of the share
 
 ARGS = {
     "create-volume": ({"volume", "size"}, {"format"}),
@@ -77,8 +81,11 @@ class Job:
 
 class VolumeService:
     def __init__(self, root: str, *, default_format: str = "raw", file_mode: int = 0o660,
-                 unrecorded_format: str | None = None):
+                 unrecorded_format: str | None = None, space_warn: float = 10.0):
         self.share = Share(root, file_mode=file_mode, unrecorded_format=unrecorded_format)
+        self.space_warn = space_warn  # percent of the share free below which snapfs warns
+        self.space: dict = {"free_bytes": 0, "total_bytes": 0, "share_state": "ok"}
+        self.space_low = False
         self.default_format = check_format(default_format)
         self.volumes: dict[str, Volume] = {}
         self.locks: dict[str, Semaphore] = {}
@@ -665,12 +672,66 @@ class VolumeService:
             allocated = 0
             for img in vol.images:
                 allocated += await img.allocated()
-            failed = self.failed.get(vid)
+            vol.allocated = allocated
+            failed = self.failed.get(vid) or vol.fault_reason()
             return {"volume": vid, "provisioned": vol.size, "allocated": allocated,
                     "state": "failed" if failed else "ok", "reason": failed or ""}
         except SnapfsError as exc:
             return {"volume": vid, "provisioned": 0, "allocated": 0, "state": "failed",
                     "reason": exc.message}
+
+    def _known_status(self, vid: str) -> dict:
+        """A volume's status from memory, for when the share does not answer."""
+        vol = self.volumes.get(vid)
+        reason = self.failed.get(vid) or (vol.fault_reason() if vol else None)
+        return {"volume": vid, "provisioned": vol.size if vol and vol.images else 0,
+                "allocated": vol.allocated if vol else 0, "state": "failed" if reason else "ok",
+                "reason": reason or "the share did not answer in time"}
+
+    async def status(self) -> dict:
+        """What ``.snapfs/status`` shows.  Answers within seconds even when the share hangs:
+        what the share does not tell in time comes from memory."""
+        vids = sorted(self.volumes)
+        with move_on_after(STATUS_WAIT):
+            await self.check_space()
+            vids = (await self.list())["volumes"]
+        vols: list[dict] = []
+        with move_on_after(STATUS_WAIT):
+            for vid in vids:
+                vols.append(await self.volume_status(vid))
+        vols += [self._known_status(vid) for vid in vids[len(vols):]]
+        return {"share": self.share.root, **self.space,
+                "provisioned_bytes": sum(v["provisioned"] for v in vols),
+                "allocated_bytes": sum(v["allocated"] for v in vols),
+                "volumes": vols, "jobs": [j.as_dict() for j in self.jobs.values()]}
+
+    async def check_space(self) -> None:
+        """Read the share's free space; warn once when it drops below ``space_warn`` percent."""
+        try:
+            st = await self._blocking("statvfs", os.statvfs, self.share.root)
+        except SnapfsError as exc:
+            if self.space.get("share_state") == "ok":
+                log.error("share %s: %s", self.share.root, exc.message)
+            self.space["share_state"] = f"not answering: {exc.message}"
+            return
+        if self.space.get("share_state", "ok") != "ok":
+            log.info("share %s answers again", self.share.root)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        self.space = {"free_bytes": free, "total_bytes": total, "share_state": "ok"}
+        low = total > 0 and free * 100 < total * self.space_warn
+        if low and not self.space_low:
+            log.warning("share %s: only %d MiB free (%.1f%%), below the %g%% warning threshold",
+                        self.share.root, free >> 20, free * 100 / total, self.space_warn)
+        elif self.space_low and not low:
+            log.info("share %s: free space is above %g%% again", self.share.root,
+                     self.space_warn)
+        self.space_low = low
+
+    async def watch_space(self, interval: float = SPACE_INTERVAL) -> None:
+        while True:
+            with move_on_after(interval):
+                await self.check_space()
+            await sleep(interval)
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ exclusively for milliseconds.  Operations that change the chain hold ``lock`` (o
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import time
 
 from snapfs.chain import extent as ex
 from snapfs.chain.catalog import PREFIX, Share, base_name, is_chain_name
@@ -17,12 +19,13 @@ from snapfs.chain.chain import open_chain
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
-from snapfs.errors import Corrupt, Invalid, NoSpace, NotFound
+from snapfs.errors import Corrupt, Invalid, NotFound, PastEnd, SnapfsError
 from snapfs.io import Gate, Lock, run_blocking
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 4 << 20
+FAULT_HOLD = 60.0  # seconds a volume shows "failed" after its last share fault
 STREAM_CHUNK = 1 << 20  # written under the gate when streaming into the active image
 
 
@@ -38,6 +41,9 @@ class Volume:
         self.failed: str | None = None
         self.snap_files: dict[str, str] = {}  # snapshot id -> overlay created with it
         self.attrs: dict | None = None
+        self.fault: tuple[str, float] | None = None  # last share fault: (reason, monotonic)
+        self.allocated = 0  # bytes on the share, as last measured (status)
+        self._faults = FaultLog(vid)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -94,50 +100,83 @@ class Volume:
     # -- guest I/O -------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        async with self.gate.shared():
-            top = self.top
-            end = min(offset + length, top.size)
-            if offset >= end:
-                return b""
-            return await top.read(offset, end - offset)
+        try:
+            async with self.gate.shared():
+                top = self.top
+                end = min(offset + length, top.size)
+                if offset >= end:
+                    return b""
+                return await top.read(offset, end - offset)
+        except SnapfsError as exc:
+            self._io_failed("read", exc)
+            raise
 
     async def read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
         """Read a snapshot's point-in-time content (what its overlay backs onto)."""
-        async with self.gate.shared():
-            name = self.snap_files.get(sid)
-            if name is None:
-                raise NotFound(f"volume {self.vid} has no snapshot {sid}")
-            img = self.below(name)
-            end = min(offset + length, img.size)
-            if offset >= end:
-                return b""
-            return await img.read(offset, end - offset)
+        try:
+            async with self.gate.shared():
+                name = self.snap_files.get(sid)
+                if name is None:
+                    raise NotFound(f"volume {self.vid} has no snapshot {sid}")
+                img = self.below(name)
+                end = min(offset + length, img.size)
+                if offset >= end:
+                    return b""
+                return await img.read(offset, end - offset)
+        except SnapfsError as exc:
+            self._io_failed("read", exc)
+            raise
 
     async def write(self, offset: int, data) -> None:
-        async with self.gate.shared():
-            top = self.top
-            if offset + len(data) > top.size:
-                raise NoSpace("write past the end of the volume")
-            await top.write(offset, data)
-            if self.mirror is not None:
-                self.mirror.append((offset, len(data)))
+        try:
+            async with self.gate.shared():
+                top = self.top
+                if offset + len(data) > top.size:
+                    raise PastEnd("write past the end of the volume")
+                await top.write(offset, data)
+                if self.mirror is not None:
+                    self.mirror.append((offset, len(data)))
+        except SnapfsError as exc:
+            self._io_failed("write", exc)
+            raise
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        async with self.gate.shared():
-            top = self.top
-            if offset + length > top.size:
-                raise NoSpace("write past the end of the volume")
-            await top.write_zeroes(offset, length, unmap)
-            if self.mirror is not None:
-                self.mirror.append((offset, length))
+        try:
+            async with self.gate.shared():
+                top = self.top
+                if offset + length > top.size:
+                    raise PastEnd("write past the end of the volume")
+                await top.write_zeroes(offset, length, unmap)
+                if self.mirror is not None:
+                    self.mirror.append((offset, length))
+        except SnapfsError as exc:
+            self._io_failed("write", exc)
+            raise
 
     async def flush(self) -> None:
-        async with self.gate.shared():
-            await self.top.flush()
+        try:
+            async with self.gate.shared():
+                await self.top.flush()
+        except SnapfsError as exc:
+            self._io_failed("flush", exc)
+            raise
 
     async def resize(self, size: int) -> None:
         async with self.gate.shared():
             await self.top.resize(size)
+
+    def _io_failed(self, what: str, exc: SnapfsError) -> None:
+        """Guest I/O failures caused by the share: remembered for status, logged once."""
+        if exc.errno == errno.EIO:
+            self.fault = (f"{what} failed: {exc.message}", time.monotonic())
+        if exc.errno in (errno.EIO, errno.ENOSPC) and not isinstance(exc, PastEnd):
+            self._faults.note(what, exc)
+
+    def fault_reason(self) -> str | None:
+        """The recent share fault that makes this volume show as failed, if any."""
+        if self.fault and time.monotonic() - self.fault[1] < FAULT_HOLD:
+            return self.fault[0]
+        return None
 
     # -- chain switches --------------------------------------------------------------------
 
@@ -146,7 +185,7 @@ class Volume:
         from snapfs.chain.image import create_qcow2
         async with self.gate.exclusive():
             top = self.top
-            await top.flush()
+            await top.finish_writing()
             path = self.share.path(name)
             await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
                                backing_format=top.format, mode=self.share.file_mode,
@@ -190,7 +229,7 @@ class Volume:
                 if active:
                     pending, self.mirror = self.mirror or [], None
                     await copy_own_runs(upper, lower, pending, None)
-                await lower.flush()
+                await (lower.flush() if active else lower.finish_writing())
                 if i + 1 < len(self.images):
                     child = self.images[i + 1]
                     await set_backing(child, lower)
@@ -242,7 +281,7 @@ class Volume:
         try:
             await stream_runs(lower, upper, self.gate if active else None, on_progress)
             async with self.gate.exclusive():
-                await upper.flush()
+                await (upper.flush() if active else upper.finish_writing())
                 below = lower.backing
                 if below is None:
                     await upper.set_backing_file(None, None)
@@ -269,9 +308,34 @@ class Volume:
                 await upper.close()
             raise
 
+class FaultLog:
+    """One log line per kind of fault and volume, then a count at most once a minute: a
+    failing share must not flood the log with one line per guest request."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, vid: str):
+        self.vid = vid
+        self.last: dict[tuple[str, int], float] = {}
+        self.suppressed: dict[tuple[str, int], int] = {}
+
+    def note(self, what: str, exc: SnapfsError) -> None:
+        key = (what, exc.errno)
+        now = time.monotonic()
+        exc.logged = True
+        if now - self.last.get(key, -self.INTERVAL) < self.INTERVAL:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        self.last[key] = now
+        more = self.suppressed.pop(key, 0)
+        log.error("volume %s: guest %s failed: %s%s", self.vid, what, exc.message,
+                  f" ({more} more such failures in the last minute)" if more else "")
+
+
 def freeze(img: Image) -> None:
     """An image that will not be written again: refuse writes, let qemu-img open it."""
     img.writable = False
+    img.f.relock = None
     unlock(img.f.fd)
 
 

@@ -26,6 +26,7 @@ from snapfs.ctl import MAX_REQUEST
 from snapfs.errors import Invalid, NotFound, SnapfsError
 from snapfs.fs import inodes as ino
 from snapfs.fs.inodes import InodeTable
+from snapfs.io import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def fuse_errors(fn):
         except pyfuse3.FUSEError:
             raise
         except SnapfsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EEXIST):
+            if exc.errno not in (errno.ENOENT, errno.EEXIST) and not getattr(exc, "logged", False):
                 log.info("%s: %s", fn.__name__, exc.message)
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.Cancelled:
@@ -458,7 +459,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx):
-        st = await trio.to_thread.run_sync(os.statvfs, self.svc.share.root)
+        st = await run_blocking(False, "statvfs", os.statvfs, self.svc.share.root)
         s = pyfuse3.StatvfsData()
         s.f_bsize, s.f_frsize = st.f_bsize, st.f_frsize
         s.f_blocks, s.f_bfree, s.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
@@ -509,15 +510,8 @@ class Operations(pyfuse3.Operations):
     # -- status ----------------------------------------------------------------------------
 
     async def status(self) -> dict:
-        st = await trio.to_thread.run_sync(os.statvfs, self.svc.share.root)
-        vols = []
-        for vid in (await self.svc.list())["volumes"]:
-            vols.append(await self.svc.volume_status(vid))
-        return {"version": __version__, "share": self.svc.share.root,
-                "mountpoint": self.opts.mountpoint,
-                "free_bytes": st.f_bavail * st.f_frsize, "total_bytes": st.f_blocks * st.f_frsize,
-                "volumes": vols, "jobs": [j.as_dict() for j in self.svc.jobs.values()]}
-
+        return {"version": __version__, "mountpoint": self.opts.mountpoint,
+                **await self.svc.status()}
 
 
 async def _invalidate(fn, *args) -> None:
