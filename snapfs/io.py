@@ -283,33 +283,31 @@ class Gate:
 
     def __init__(self) -> None:
         self.active = 0
-        self.closed = False
-        self._idle = trio.Event()
-        self._idle.set()
-        self._open = trio.Event()
-        self._open.set()
+        self._closed: trio.Event | None = None  # while a switch holds the gate
+        self._drained: trio.Event | None = None  # a switch waiting for requests to finish
         self._switch = trio.Lock()
+        self._shared = _Shared(self)
 
     def shared(self) -> "_Shared":
-        return _Shared(self)
+        return self._shared  # stateless: one object serves every request
 
     async def _enter(self) -> None:
-        while not self._open.is_set():
-            await self._open.wait()
+        while self._closed is not None:
+            await self._closed.wait()
         self.active += 1
-        if self.active == 1:
-            self._idle = trio.Event()
 
     def _leave(self) -> None:
         self.active -= 1
-        if self.active == 0:
-            self._idle.set()
+        if self.active == 0 and self._drained is not None:
+            self._drained.set()
 
     def exclusive(self) -> "_Exclusive":
         return _Exclusive(self)
 
 
 class _Shared:
+    __slots__ = ("gate",)
+
     def __init__(self, gate: Gate):
         self.gate = gate
 
@@ -327,12 +325,24 @@ class _Exclusive:
     async def __aenter__(self):
         g = self.gate
         await g._switch.acquire()
-        g._open = trio.Event()
-        await g._idle.wait()
+        g._closed = trio.Event()
+        try:
+            while g.active:
+                g._drained = trio.Event()
+                await g._drained.wait()
+        except BaseException:
+            self._open()
+            raise
+        finally:
+            g._drained = None
 
     async def __aexit__(self, *exc):
+        self._open()
+
+    def _open(self) -> None:
         g = self.gate
-        g._open.set()
+        closed, g._closed = g._closed, None
+        closed.set()
         g._switch.release()
 
 
