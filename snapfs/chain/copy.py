@@ -13,31 +13,11 @@ from snapfs.chain import extent as ex
 from snapfs.chain.image import Image, create_qcow2, create_raw
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.raw import RawImage
+from snapfs.chain.resolve import resolve
 from snapfs.errors import from_oserror
 from snapfs.io import BlockFile, run_blocking
 
 CHUNK = 8 << 20
-
-
-async def resolve(img: Image, offset: int, length: int) -> list[tuple[Image | None, ex.Extent]]:
-    """Where each part of a guest range lives: (image, run) with the run in that image's own
-    terms, or (None, run) for zeros."""
-    out: list[tuple[Image | None, ex.Extent]] = []
-    for run in await img.map(offset, length):
-        if run.kind == ex.UNALLOC:
-            below = img.backing
-            if below is None or run.offset >= below.size:
-                out.append((None, ex.Extent(ex.ZERO, run.offset, run.length)))
-                continue
-            n = min(run.length, below.size - run.offset)
-            out.extend(await resolve(below, run.offset, n))
-            if n < run.length:
-                out.append((None, ex.Extent(ex.ZERO, run.offset + n, run.length - n)))
-        elif run.kind == ex.ZERO:
-            out.append((None, run))
-        else:
-            out.append((img, run))
-    return out
 
 
 async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,

@@ -67,6 +67,7 @@ class Qcow2Image:
         self.lock = Lock()
         self.dirty_on_disk = bool(h.incompatible_features & INCOMPAT_DIRTY)
         self.leaky = False  # a mutation failed after allocating: clusters may have leaked
+        self.below_map = None  # a FlatMap of the backing chain, set by the volume when deep
         self.data_written = False
         self.readers = 0
         self._readers_idle: Event | None = None
@@ -376,8 +377,20 @@ class Qcow2Image:
         if b is None or offset >= b.size:
             return zeros(length)
         n = min(length, b.size - offset)
-        data = await b.read(offset, n)
+        data = await (self.below_map.read(offset, n) if self.below_map else b.read(offset, n))
         return data if n == length else data + zeros(length - n)
+
+    async def read_host(self, host: int, length: int) -> bytes:
+        """Read data clusters at a host offset a map returned (counted as a reader, so that
+        no cluster is freed under it)."""
+        self.readers += 1
+        try:
+            data = await self.f.pread(host, length)
+        finally:
+            self.readers -= 1
+            if self.readers == 0 and self._readers_idle is not None:
+                self._readers_idle.set()
+        return data if len(data) == length else data + zeros(length - len(data))
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
         coff = entry & self._coffset_mask

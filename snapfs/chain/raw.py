@@ -76,6 +76,10 @@ class RawImage:
             data += zeros(length - len(data))
         return data
 
+    async def read_host(self, host: int, length: int) -> bytes:
+        data = await self.f.pread(host, length)
+        return data if len(data) == length else data + zeros(length - len(data))
+
     def _check_write(self, offset: int, length: int) -> None:
         if not self.writable:
             raise ReadOnly(f"{self.path} is open read-only")

@@ -19,6 +19,7 @@ from snapfs.chain.chain import open_chain
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
+from snapfs.chain.resolve import FlatMap
 from snapfs.errors import Corrupt, Invalid, NotFound, PastEnd, SnapfsError
 from snapfs.io import Gate, Lock, run_blocking
 
@@ -65,6 +66,18 @@ class Volume:
             await top.close()
             raise Corrupt(f"the chain of volume {self.vid} does not end at its base file")
         self.images = chain
+        self._remap()
+
+    def _remap(self) -> None:
+        """After the chain changed: a FlatMap of the frozen images for the active one when
+        they are several (one frozen image is read as fast without it)."""
+        for img in self.images:
+            if isinstance(img, Qcow2Image):
+                img.below_map = None
+        top = self.top
+        if len(self.images) >= 3 and isinstance(top, Qcow2Image):
+            sizes = [i.cs for i in self.images[:-1] if isinstance(i, Qcow2Image)]
+            top.below_map = FlatMap(top.backing, min(sizes))
 
     async def close(self) -> None:
         if self.images:
@@ -198,6 +211,7 @@ class Volume:
             new.backing = top
             freeze(top)
             self.images.append(new)
+            self._remap()
 
     async def commit_down(self, name: str, on_progress=None) -> None:
         """Merge file ``name`` into the image below it and drop it from the chain.
@@ -239,6 +253,7 @@ class Volume:
                 del self.images[i]
                 if not active:
                     freeze(lower)
+                self._remap()
             upper.backing = None
             await upper.close()
         except BaseException:
@@ -299,9 +314,10 @@ class Volume:
                     freeze(upper)
                 self.images[i - 1:i + 1] = [upper]
                 if i < len(self.images):
-                    child = self.images[i]
-                    child.backing = upper
-                    await set_backing(child, upper)
+                    self.images[i].backing = upper
+                self._remap()
+                if i < len(self.images):
+                    await set_backing(self.images[i], upper)
         except BaseException:
             if upper not in self.images:
                 upper.backing = None

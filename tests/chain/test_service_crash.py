@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapfs.chain.copy import resolve
+from snapfs.chain.resolve import resolve
 from snapfs.chain.service import VolumeService
 from tests import qemu
 
