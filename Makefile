@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PKGS := build-essential python3-dev python3-venv pkg-config libfuse3-dev fuse3 \
-            qemu-utils qemu-system-common zstd
+            qemu-utils qemu-system-common zstd fio
 PYTEST_ARGS ?=
 
-.PHONY: all deps system-deps venv demo test lint clean install
+.PHONY: all deps system-deps venv demo test bench lint clean install
 
 all: test
 
@@ -35,6 +35,10 @@ demo: deps
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Side by side with qemu-storage-daemon and the raw file; BENCH_ARGS=--quick for a dry run.
+bench: deps
+	$(PY) -m bench $(BENCH_ARGS)
 
 install: deps
 	ln -sf $(CURDIR)/scripts/mount.snapfs /sbin/mount.snapfs
