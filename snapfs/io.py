@@ -134,21 +134,21 @@ class BlockFile:
             raise
         return cls(path, fd, writable, inline)
 
-    async def _run(self, what: str, fn, *args):
+    async def _run(self, what: str, fn, *args, thread: bool = False):
         try:
-            return await self._call(what, fn, *args)
+            return await self._call(what, fn, *args, thread=thread)
         except _Stale:
             pass
         log.warning("%s: stale file handle; reopening it by name", self.path)
         try:
             await self._call("reopen", self._reopen)
-            return await self._call(what, fn, *args)
+            return await self._call(what, fn, *args, thread=thread)
         except _Stale:
             raise ShareIOError(f"{what} {self.path}: stale file handle, also after reopening "
                                "it") from None
 
-    async def _call(self, what: str, fn, *args):
-        if self.inline:
+    async def _call(self, what: str, fn, *args, thread: bool = False):
+        if self.inline and not thread:
             return await _call(True, f"{what} {self.path}", _estale(fn), self.fd, *args)
         with self._mutex:
             if self.closed:
@@ -200,11 +200,12 @@ class BlockFile:
             view = view[n:]
             offset += n
 
+    # fsync takes milliseconds even on a local disk: it never runs in the loop.
     async def fsync(self) -> None:
-        await self._run("fsync", os.fsync)
+        await self._run("fsync", os.fsync, thread=True)
 
     async def fdatasync(self) -> None:
-        await self._run("fdatasync", os.fdatasync)
+        await self._run("fdatasync", os.fdatasync, thread=True)
 
     async def truncate(self, size: int) -> None:
         await self._run("truncate", os.ftruncate, size)

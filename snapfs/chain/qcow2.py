@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
+FROZEN_L2_TABLES = 8  # a frozen image is read through the volume's FlatMap, rarely itself
 ALL_SUBCLUSTERS = 0xFFFFFFFF
 
 
@@ -254,7 +255,18 @@ class Qcow2Image:
         if t is None:
             t = bytearray(data)
             self.l2_cache[off] = t
+            if not self.writable and len(self.l2_cache) > self.l2_cache_max:
+                self.l2_cache.popitem(last=False)  # read-only: every table is clean
         return t
+
+    def freeze(self) -> None:
+        """No more writes: drop what only writing needs, keep a small read cache."""
+        self.writable = False
+        self.refs.trim_cache(0)
+        self.refs.meta = None
+        self.l2_cache_max = FROZEN_L2_TABLES
+        while len(self.l2_cache) > self.l2_cache_max:
+            self.l2_cache.popitem(last=False)
 
     def _entry(self, table: bytearray, i: int) -> tuple[int, int]:
         if self.ext:

@@ -194,24 +194,33 @@ class Volume:
     # -- chain switches --------------------------------------------------------------------
 
     async def push_overlay(self, name: str) -> None:
-        """Freeze the active image and put a new empty overlay on top (a snapshot)."""
+        """Freeze the active image and put a new empty overlay on top (a snapshot).
+
+        The overlay is created and the active image flushed before guest I/O pauses; the
+        pause covers only the last writes' flush and the switch."""
         from snapfs.chain.image import create_qcow2
-        async with self.gate.exclusive():
-            top = self.top
-            await top.finish_writing()
-            path = self.share.path(name)
-            await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
-                               backing_format=top.format, mode=self.share.file_mode,
-                               cluster_size=_cluster_size(top))
-            try:
-                new = await open_image(path, "qcow2", writable=True)
-            except BaseException:
+        top = self.top
+        await top.flush()
+        path = self.share.path(name)
+        await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
+                           backing_format=top.format, mode=self.share.file_mode,
+                           cluster_size=_cluster_size(top))
+        new = None
+        try:
+            new = await open_image(path, "qcow2", writable=True)
+            async with self.gate.exclusive():
+                await top.finish_writing()
+                new.backing = top
+                freeze(top)
+                self.images.append(new)
+                self._remap()
+        except BaseException:
+            if new is None or new not in self.images:
+                if new is not None:
+                    new.backing = None
+                    await new.close()
                 os.unlink(path)
-                raise
-            new.backing = top
-            freeze(top)
-            self.images.append(new)
-            self._remap()
+            raise
 
     async def commit_down(self, name: str, on_progress=None) -> None:
         """Merge file ``name`` into the image below it and drop it from the chain.
@@ -235,10 +244,12 @@ class Volume:
                 # Copy what the guest wrote meanwhile, until little is left.
                 for _ in range(8):
                     pending, self.mirror = self.mirror, []
-                    if sum(n for _, n in pending) < (1 << 20):
+                    if sum(n for _, n in pending) < (256 << 10):
                         self.mirror = pending + self.mirror
                         break
                     await copy_own_runs(upper, lower, pending, None)
+            # Durable before the switch, so that the guest waits only for the last few writes.
+            await lower.flush()
             async with self.gate.exclusive():
                 if active:
                     pending, self.mirror = self.mirror or [], None
@@ -350,6 +361,8 @@ class FaultLog:
 
 def freeze(img: Image) -> None:
     """An image that will not be written again: refuse writes, let qemu-img open it."""
+    if isinstance(img, Qcow2Image):
+        img.freeze()
     img.writable = False
     img.f.relock = None
     unlock(img.f.fd)
