@@ -29,6 +29,7 @@ GENERIC = {"defaults", "rw", "_netdev", "nofail", "auto", "noauto", "user", "nou
            "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync", "atime",
            "noatime", "relatime", "diratime", "nodiratime"}
 LEASE_WAIT = 30.0
+SWITCH_INTERVAL = 0.0001  # seconds
 
 
 @dataclass
@@ -203,6 +204,10 @@ def serve(cfg: MountConfig, ready) -> int:
     from snapfs.chain.service import VolumeService
     from snapfs.fs.operations import Operations, Options
     from snapfs.io import set_timeout
+
+    # A worker thread whose share call returned waits for the GIL while the loop computes;
+    # Python's default 5 ms switch interval made every threaded call cost milliseconds.
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
     try:
         lease = acquire_lease(cfg)
