@@ -61,6 +61,15 @@ async def snapshot(svc, model, vid: str, sid: str) -> None:
     model.snapshots[sid] = bytes(model.volume)
 
 
+async def build(svc, model: Model, vid: str, fmt: str, seed: int, mib: list[int]) -> None:
+    """A volume with ``mib[0]`` MiB written, then snapshot s1 and ``mib[1]`` MiB, s2 ..."""
+    await svc.handle({"op": "create-volume", "volume": vid, "size": SIZE, "format": fmt})
+    for k, n in enumerate(mib):
+        if k:
+            await snapshot(svc, model, vid, f"s{k}")
+        await spread(svc, model, vid, seed + k, n * MIB)
+
+
 def ino(root: Path, name: str) -> int:
     return os.stat(root / name).st_ino
 
@@ -82,6 +91,13 @@ async def verify(svc: VolumeService, root: Path, vid: str, model: Model, tmp: Pa
     assert qemu.to_raw(str(root / info["active"]), str(tmp / "out.raw")) == bytes(model.volume)
 
 
+async def verify_reopened(root: Path, vid: str, model: Model, tmp: Path) -> None:
+    """The same again from a fresh start, as another daemon would open the share."""
+    svc = VolumeService(str(root))
+    async with svc.running():
+        await verify(svc, root, vid, model, tmp)
+
+
 def run(fn, *args):
     trio.run(fn, *args)
 
@@ -95,12 +111,7 @@ def test_stream_up_into_the_overlay_below_while_the_guest_writes(tmp_path: Path)
         model = Model(SIZE)
         svc = VolumeService(str(root))
         async with svc.running():
-            await svc.handle({"op": "create-volume", "volume": "v", "size": SIZE, "format": "raw"})
-            await spread(svc, model, "v", 1, 2 * MIB)
-            await snapshot(svc, model, "v", "s1")
-            await spread(svc, model, "v", 2, MIB)
-            await snapshot(svc, model, "v", "s2")
-            await spread(svc, model, "v", 3, 8 * MIB)
+            await build(svc, model, "v", "raw", 1, [2, 1, 8])
             upper = ino(root, "volume-v.s2")
             async with svc.hold("v"):
                 await svc.handle({"op": "delete-snapshot", "volume": "v", "snapshot": "s2"})
@@ -117,10 +128,7 @@ def test_stream_up_into_the_overlay_below_while_the_guest_writes(tmp_path: Path)
             assert info["active"] == "volume-v.s1"
             assert qemu.info(str(root / "volume-v.s1"))["backing-filename"] == "volume-v"
             await verify(svc, root, "v", model, tmp_path)
-        # and again from a fresh start, as another daemon would open it
-        svc = VolumeService(str(root))
-        async with svc.running():
-            await verify(svc, root, "v", model, tmp_path)
+        await verify_reopened(root, "v", model, tmp_path)
 
     run(main)
 
@@ -136,13 +144,7 @@ def test_stream_up_into_a_qcow2_base_rebases_the_child(tmp_path: Path) -> None:
         model = Model(SIZE)
         svc = VolumeService(str(root))
         async with svc.running():
-            await svc.handle({"op": "create-volume", "volume": "q", "size": SIZE,
-                              "format": "qcow2"})
-            await spread(svc, model, "q", 11, MIB)
-            await snapshot(svc, model, "q", "s1")
-            await spread(svc, model, "q", 12, 8 * MIB)
-            await snapshot(svc, model, "q", "s2")
-            await spread(svc, model, "q", 13, MIB)
+            await build(svc, model, "q", "qcow2", 11, [1, 8, 1])
             upper = ino(root, "volume-q.s1")
             await svc.handle({"op": "delete-snapshot", "volume": "q", "snapshot": "s1"})
             del model.snapshots["s1"]
@@ -152,9 +154,7 @@ def test_stream_up_into_a_qcow2_base_rebases_the_child(tmp_path: Path) -> None:
             assert base["format"] == "qcow2" and "backing-filename" not in base
             assert qemu.info(str(root / "volume-q.s2"))["backing-filename"] == "volume-q"
             await verify(svc, root, "q", model, tmp_path)
-        svc = VolumeService(str(root))
-        async with svc.running():
-            await verify(svc, root, "q", model, tmp_path)
+        await verify_reopened(root, "q", model, tmp_path)
 
     run(main)
 
@@ -169,11 +169,7 @@ def test_small_overlay_is_committed_down(tmp_path: Path) -> None:
         model = Model(SIZE)
         svc = VolumeService(str(root))
         async with svc.running():
-            await svc.handle({"op": "create-volume", "volume": "d", "size": SIZE,
-                              "format": "qcow2"})
-            await spread(svc, model, "d", 21, 8 * MIB)
-            await snapshot(svc, model, "d", "s1")
-            await spread(svc, model, "d", 22, MIB)
+            await build(svc, model, "d", "qcow2", 21, [8, 1])
             lower = ino(root, "volume-d")
             await svc.handle({"op": "delete-snapshot", "volume": "d", "snapshot": "s1"})
             del model.snapshots["s1"]
@@ -211,12 +207,7 @@ def test_recovery_finishes_an_interrupted_stream_up(tmp_path: Path, shape: str, 
     async def prepare():
         svc = VolumeService(str(root))
         async with svc.running():
-            await svc.handle({"op": "create-volume", "volume": vid, "size": SIZE, "format": fmt})
-            await spread(svc, model, vid, 31, before * MIB)
-            await snapshot(svc, model, vid, "s1")
-            await spread(svc, model, vid, 32, between * MIB)
-            await snapshot(svc, model, vid, "s2")
-            await spread(svc, model, vid, 33, after * MIB)
+            await build(svc, model, vid, fmt, 31, [before, between, after])
         shutil.copyfile(root / lower, tmp_path / "lower.saved")
         svc = VolumeService(str(root))
         async with svc.running():
