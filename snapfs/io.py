@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
 import threading
 import time
 
+import outcome
 import trio
 
 from snapfs.errors import Invalid, ShareIOError, from_oserror
@@ -32,8 +34,7 @@ move_on_after = trio.move_on_after
 #: File systems whose calls can wait on a network or another process.
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
 
-_LIMITER: trio.lowlevel.RunVar = trio.lowlevel.RunVar("snapfs_io_limiter")
-THREADS = 16
+THREADS = 16  # share calls in flight at once
 
 #: Seconds a call on a share that can block may take before the request fails with EIO (the
 #: call itself goes on in its thread and is forgotten).  ``io_timeout=`` sets it per mount.
@@ -54,13 +55,65 @@ class ShareTimeout(ShareIOError):
     """A call on the share did not return in time (a share that went away)."""
 
 
-def _limiter() -> trio.CapacityLimiter:
-    try:
-        return _LIMITER.get()
-    except LookupError:
-        lim = trio.CapacityLimiter(THREADS)
-        _LIMITER.set(lim)
-        return lim
+class _Workers:
+    """Long-lived threads that run share calls handed over through a queue.
+
+    A call costs one queue hand-over and one wake-up of the trio loop; ``trio.to_thread``
+    also named, limited and recycled a thread for every call, which made up most of the
+    daemon's CPU on a share answering in a millisecond.  A call abandoned (timed out or
+    cancelled) before a worker took it never runs; one already running finishes unseen."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.started = 0
+        self.mutex = threading.Lock()
+
+    def _start(self) -> None:
+        with self.mutex:
+            while self.started < self.n:
+                threading.Thread(target=self._work, name=f"snapfs-io-{self.started}",
+                                 daemon=True).start()
+                self.started += 1
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.abandoned:
+                continue
+            result = outcome.capture(job.fn, *job.args)
+            try:
+                job.token.run_sync_soon(job.deliver, result)
+            except trio.RunFinishedError:
+                pass  # the loop that asked is gone
+
+    async def run(self, fn, *args):
+        if self.started < self.n:
+            self._start()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
+        self.jobs.put(job)
+
+        def abort(_raise_cancel):
+            job.abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Job:
+    __slots__ = ("fn", "args", "task", "token", "abandoned")
+
+    def __init__(self, fn, args, task, token):
+        self.fn, self.args, self.task, self.token = fn, args, task, token
+        self.abandoned = False
+
+    def deliver(self, result) -> None:
+        if not self.abandoned:
+            trio.lowlevel.reschedule(self.task, result)
+
+
+_WORKERS = _Workers(THREADS)
 
 
 def fs_type(path: str) -> str:
@@ -150,13 +203,15 @@ class BlockFile:
     async def _call(self, what: str, fn, *args, thread: bool = False):
         if self.inline and not thread:
             return await _call(True, f"{what} {self.path}", _estale(fn), self.fd, *args)
-        with self._mutex:
-            if self.closed:
-                raise ShareIOError(f"{what} {self.path}: the file is closed")
-            self._busy += 1
+        if self.closed:
+            raise ShareIOError(f"{what} {self.path}: the file is closed")
         return await _call(False, f"{what} {self.path}", self._in_thread, fn, *args)
 
     def _in_thread(self, fn, *args):
+        with self._mutex:
+            if self.closed:  # closed while the call waited for a worker
+                raise OSError(errno.EBADF, "the file was closed")
+            self._busy += 1
         try:
             return _estale(fn)(self.fd, *args)
         finally:
@@ -249,8 +304,7 @@ async def _call(inline: bool, what: str, fn, *args):
         if DELAY:
             fn = _delayed(fn)
         with trio.move_on_after(TIMEOUT):
-            return await trio.to_thread.run_sync(fn, *args, limiter=_limiter(),
-                                                 abandon_on_cancel=True)
+            return await _WORKERS.run(fn, *args)
         raise ShareTimeout(f"{what}: the share did not answer within {TIMEOUT:g} s")
     except OSError as exc:
         raise from_oserror(exc, what) from None
