@@ -692,13 +692,14 @@ class VolumeService:
         """What ``.snapfs/status`` shows.  Answers within seconds even when the share hangs:
         what the share does not tell in time comes from memory."""
         vids = sorted(self.volumes)
-        with move_on_after(STATUS_WAIT):
+        vols: list[dict] = []
+        with move_on_after(STATUS_WAIT) as waited:  # one deadline for everything
             await self.check_space()
             vids = (await self.list())["volumes"]
-        vols: list[dict] = []
-        with move_on_after(STATUS_WAIT):
             for vid in vids:
                 vols.append(await self.volume_status(vid))
+        if waited.cancelled_caught:
+            self.space["share_state"] = f"not answering within {STATUS_WAIT:g} s"
         vols += [self._known_status(vid) for vid in vids[len(vols):]]
         return {"share": self.share.root, **self.space,
                 "provisioned_bytes": sum(v["provisioned"] for v in vols),
