@@ -1,9 +1,11 @@
-"""``python -m bench [--quick] [--json PATH]``: every figure of the benchmark in one run.
+"""``python -m bench [--quick] [--json PATH] [--workdir DIR]``: every figure of issue 7 in one
+run.
 
-The I/O workloads run interleaved over the targets (snapfs, qsd, direct, snapfs, qsd, ...)
-and each figure is the median of ``--runs`` rounds; then the control operations and their
-qemu-img peers; then the slow share.  Progress goes to stderr, the markdown table to stdout,
-every number to the JSON file.
+First the I/O workloads on chains of each depth, interleaved over the targets; then the
+control operations and their qemu-img peers; then the slow share.  Progress goes to stderr,
+the markdown table to stdout, every number (and each round's sample) to the JSON file.  All
+mounts are gone and the work directory is removed when this returns, also after an error,
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,95 +13,123 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import platform
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 
+from bench import TOOLS
 from bench import operations as ops
 from bench.chains import MIB, build_chain
-from bench.fio import WORKLOADS, dd_read, fio
-from bench.report import table
-from bench.targets import close_all, open_targets, remove
+from bench.io_rounds import medians, rounds
+from bench.report import SLOW_SEAM, table
+from bench.targets import DAEMON_PROBLEMS, KINDS, sweep_mounts
 
 GIB = 1 << 30
 FULL = {"size": GIB, "written": 512 * MIB, "depths": [1, 16], "runs": 3, "seconds": 5,
-        "rss": (100, 8, 64 * MIB), "merge": 256 * MIB, "snap_count": 9}
+        "snap_count": 9, "merge": 256 * MIB, "rss": [100, 8, 64 * MIB], "slow_delay_ms": 1.0}
 QUICK = {"size": 64 * MIB, "written": 32 * MIB, "depths": [1, 4], "runs": 1, "seconds": 1,
-         "rss": (4, 3, 8 * MIB), "merge": 16 * MIB, "snap_count": 3}
-TARGETS = ["snapfs", "qsd", "direct"]
+         "snap_count": 3, "merge": 16 * MIB, "rss": [4, 3, 8 * MIB], "slow_delay_ms": 1.0}
 
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def io_figures(work: str, p: dict) -> dict:
-    """{depth: {workload: {target: median}}} and the built shares, per depth."""
-    out: dict = {}
+def _first_line(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True).stdout.split("\n")[0]
+
+
+def environment() -> dict:
+    return {"kernel": platform.release(), "cpus": os.cpu_count(),
+            "qemu": _first_line("qemu-storage-daemon", "--version"),
+            "fio": _first_line("fio", "--version"), "loadavg_start": os.getloadavg()[0]}
+
+
+def measure_all(work: str, p: dict) -> dict:
+    results: dict = {"io": {}, "samples": {}}
     for depth in p["depths"]:
         share = os.path.join(work, f"chain-{depth}")
-        say(f"building a {p['size'] >> 20} MiB volume with {p['written'] >> 20} MiB written "
+        say(f"building a {p['size'] // MIB} MiB volume with {p['written'] // MIB} MiB written "
             f"over {depth} snapshot(s)")
         build_chain(share, os.path.join(work, f"build-{depth}"), p["size"], p["written"], depth)
-        targets = open_targets(share, os.path.join(work, f"targets-{depth}"), TARGETS)
-        samples: dict = {w: {t.name: [] for t in targets} for w in [*WORKLOADS, "dd-read"]}
-        try:
-            for r in range(p["runs"]):
-                for w in samples:
-                    for t in targets:  # interleaved: A B C A B C ...
-                        say(f"depth {depth} round {r + 1}/{p['runs']}: {w} on {t.name}")
-                        v = dd_read(t.path) if w == "dd-read" else fio(t.path, w, p["seconds"],
-                                                                        p["size"])
-                        samples[w][t.name].append(v)
-        finally:
-            close_all(targets)
-        out[depth] = {w: {t: statistics.median(v) for t, v in by.items()}
-                      for w, by in samples.items()}
-    return out
+        targets_dir = os.path.join(work, f"targets-{depth}")
+        samples = rounds(share, targets_dir, list(KINDS), p["runs"], p["seconds"], p["size"],
+                         lambda m, d=depth: say(f"depth {d} {m}"))
+        shutil.rmtree(targets_dir)
+        results["samples"][str(depth)] = samples
+        results["io"][str(depth)] = medians(samples)
+    say(f"snapshot create latency (median of {p['snap_count']})")
+    results["snapshot_ms"] = ops.snapshot_latency(
+        os.path.join(work, "op-latency"), {"1 GiB": GIB, "1 TiB": 1 << 40}, p["snap_count"])
+    say("writer stall during snapshot create and delete")
+    results["stall_ms"] = ops.writer_stall(os.path.join(work, "op-stall"), p["size"],
+                                           p["written"])
+    say(f"merge of a {p['merge'] // MIB} MiB overlay against qemu-img commit")
+    results["merge_mbs"] = ops.merge_vs_commit(os.path.join(work, "op-merge"), p["size"],
+                                               p["merge"])
+    deepest = os.path.join(work, f"chain-{p['depths'][-1]}")
+    say(f"clone of the depth-{p['depths'][-1]} chain against qemu-img convert")
+    results["clone_mbs"] = ops.clone_vs_convert(os.path.join(work, "op-clone"), deepest,
+                                                p["size"])
+    vols, snaps, vsize = p["rss"]
+    say(f"daemon RSS with {vols} volumes x {snaps} snapshots")
+    results["rss_mib"] = ops.daemon_rss(os.path.join(work, "op-rss"), vols, snaps, vsize)
+    say(f"slow share (+{p['slow_delay_ms']:g} ms per share I/O), depth {p['depths'][0]}")
+    results["slow_iops"] = ops.slow_share(os.path.join(work, "op-slow"),
+                                          os.path.join(work, f"chain-{p['depths'][0]}"),
+                                          p["seconds"], p["size"], p["slow_delay_ms"])
+    if results["slow_iops"] is None:
+        say(f"{SLOW_SEAM} (SNAPFS_IO_DELAY_MS had no effect on the daemon)")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the harness")
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: proves the "
+                    "harness in under a minute")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
-                                                   "latest.json"))
-    ap.add_argument("--workdir", default="/var/tmp", help="where chains are built")
+                                                   "latest.json"), help="where the figures go")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the temporary work directory "
+                    "is made: its file system holds every share (default /var/tmp)")
+    ap.add_argument("--runs", type=int, help="rounds per I/O figure (median)")
+    ap.add_argument("--seconds", type=float, help="fio runtime per run")
     args = ap.parse_args(argv)
-    p = QUICK if args.quick else FULL
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        print(f"bench: {', '.join(missing)} missing: run `make bench`, or apt-get install -y "
+              f"{' '.join(TOOLS[t] for t in missing)}", file=sys.stderr)
+        return 2
+    p = dict(QUICK if args.quick else FULL)
+    p.update({k: v for k, v in (("runs", args.runs), ("seconds", args.seconds)) if v})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
+    start = time.monotonic()
+    results = {"quick": args.quick, "params": p, "env": environment()}
     work = tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir)
-    results: dict = {"quick": args.quick, "params": {k: v for k, v in p.items()}}
+    say(f"working in {work}; load average {results['env']['loadavg_start']:.2f} "
+        f"on {results['env']['cpus']} CPUs")
     try:
-        results["io"] = io_figures(work, p)
-        share = os.path.join(work, f"chain-{p['depths'][-1]}")
-        say("snapshot create latency")
-        results["snapshot_ms"] = ops.snapshot_latency(
-            os.path.join(work, "op-latency"), {"1 GiB": GIB, "1 TiB": 1 << 40}, p["snap_count"])
-        say("writer stall during create and delete")
-        results["stall_ms"] = ops.writer_stall(os.path.join(work, "op-stall"), p["size"],
-                                               p["written"])
-        say("merge against qemu-img commit")
-        results["merge_mbs"] = ops.merge_vs_commit(os.path.join(work, "op-merge"), p["size"],
-                                                   p["merge"])
-        say("clone against qemu-img convert")
-        results["clone_mbs"] = ops.clone_vs_convert(os.path.join(work, "op-clone"), share,
-                                                    p["size"])
-        vols, snaps, vsize = p["rss"]
-        say(f"daemon RSS with {vols} volumes x {snaps} snapshots")
-        results["rss_mib"] = ops.daemon_rss(os.path.join(work, "op-rss"), vols, snaps, vsize)
-        say("slow share (1 ms per share I/O)")
-        results["slow_iops"] = ops.slow_share(os.path.join(work, "op-slow"),
-                                              os.path.join(work, f"chain-{p['depths'][0]}"),
-                                              p["seconds"], p["size"], 1.0)
+        results.update(measure_all(work, p))
     finally:
-        remove(work)
-    for d in list(results["io"]):
-        results["io"][str(d)] = results["io"].pop(d)
+        left = sweep_mounts(work)
+        if left:
+            print(f"bench: unmounted leftovers lazily: {left}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+    results["env"]["loadavg_end"] = os.getloadavg()[0]
+    results["seconds_total"] = round(time.monotonic() - start, 1)
+    results["daemon_problems"] = DAEMON_PROBLEMS
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     print(table(results))
-    return 0
+    say(f"done in {results['seconds_total']:.0f} s; figures in {args.json}"
+        + (f"; {len(DAEMON_PROBLEMS)} snapfs log warnings/errors (in the JSON)"
+           if DAEMON_PROBLEMS else ""))
+    return 1 if left else 0
 
 
 if __name__ == "__main__":

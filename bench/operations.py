@@ -1,51 +1,51 @@
 """Control operations timed against their qemu-img peers, the writer's longest stall while
-they run, and the daemon's memory with many volumes.
+snapshots come and go, the daemon's memory with many volumes, and the slow share.
 
-Each function builds what it needs in ``work`` through a snapfs mount and returns figures in
-plain units (milliseconds, MB/s, MiB).
+Each function builds what it needs under ``work`` through its own snapfs mount and returns
+figures in plain units (milliseconds, MB/s, MiB, IOPS).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import mmap
 import os
-import shutil
 import statistics
 import threading
 import time
 
-from snapfs.ctl import Client
+from snapfs.ctl import STATUS, Client
 
 from bench.chains import MIB, fill
-from bench.targets import SnapfsMount, run
+from bench.targets import SnapfsMount, SnapfsTarget, active_file, copy_tree, run
+from bench.workloads import WORKLOADS, fio
 
 
-def _mount(work: str, name: str, env: dict | None = None) -> SnapfsMount:
+def _mount(work: str, name: str) -> SnapfsMount:
     share = os.path.join(work, f"{name}-share")
     os.makedirs(share)
-    return SnapfsMount(share, os.path.join(work, f"{name}-mnt"),
-                       os.path.join(work, f"{name}.log"), env)
+    return SnapfsMount(share, os.path.join(work, f"{name}-mnt"), os.path.join(work, f"{name}.log"))
 
 
 def _wait_idle(mnt: str) -> None:
     """Until no background merge runs (``.snapfs/status`` lists them)."""
     while True:
-        with open(os.path.join(mnt, ".snapfs", "status")) as f:
+        with open(os.path.join(mnt, STATUS)) as f:
             if not json.load(f)["jobs"]:
                 return
         time.sleep(0.005)
 
 
 def snapshot_latency(work: str, sizes: dict[str, int], count: int) -> dict[str, float]:
-    """Median milliseconds of create-snapshot on volumes of each size (empty, sparse)."""
+    """Median milliseconds of create-snapshot on empty sparse volumes of each size."""
     m = _mount(work, "snap")
     out = {}
     try:
         with Client(m.mnt) as c:
             for label, size in sizes.items():
                 vid = "lat-" + label.replace(" ", "")
-                c.request("create-volume", volume=vid, size=size, format="qcow2")
+                c.request("create-volume", volume=vid, size=size)
                 times = []
                 for k in range(count):
                     t = time.perf_counter()
@@ -58,38 +58,40 @@ def snapshot_latency(work: str, sizes: dict[str, int], count: int) -> dict[str, 
 
 
 class StallWriter(threading.Thread):
-    """4 KiB writes in a loop; remembers when each returned, to find the longest gap."""
+    """O_DIRECT 4 KiB pwrites in a loop (each to a new place, so each allocates in the active
+    overlay), remembering when each returned."""
 
     def __init__(self, path: str, span: int):
         super().__init__(daemon=True)
-        self.path, self.span = path, span
+        self.path, self.blocks = path, span // 4096
         self.done: list[float] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
-        aligned = mmap.mmap(-1, 4096)  # O_DIRECT needs an aligned buffer
-        aligned.write(os.urandom(4096))
+        buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+        buf.write(os.urandom(4096))
         try:
             i = 0
             while not self.stop.is_set():
-                os.pwritev(fd, [aligned], (i * 7919 % (self.span // 4096)) * 4096)
+                os.pwritev(fd, [buf], (i * 7919 % self.blocks) * 4096)
                 self.done.append(time.perf_counter())
                 i += 1
         finally:
             os.close(fd)
 
     def longest_gap(self, start: float, end: float) -> float:
-        """Milliseconds of the longest pause between writes in ``[start, end]``."""
-        ts = [t for t in self.done if start <= t <= end]
-        if len(ts) < 2:
-            return (end - start) * 1000
-        return max(b - a for a, b in zip(ts, ts[1:])) * 1000
+        """Milliseconds of the longest time without a completed write that overlaps
+        ``[start, end]`` (a write still blocked at ``end`` counts up to its completion)."""
+        lo = max(bisect.bisect_left(self.done, start) - 1, 0)
+        hi = bisect.bisect_right(self.done, end) + 1
+        ts = self.done[lo:hi]
+        return max((b - a for a, b in zip(ts, ts[1:])), default=end - start) * 1000
 
 
 def writer_stall(work: str, size: int, written: int) -> dict[str, float]:
-    """Longest writer pause (ms) while a snapshot is created and while one is deleted (its
-    merge included)."""
+    """Longest writer pause (ms) while a snapshot is created, and while it is deleted again
+    (its overlay, the active file, merged away in the background meanwhile)."""
     m = _mount(work, "stall")
     try:
         with Client(m.mnt) as c:
@@ -111,45 +113,48 @@ def writer_stall(work: str, size: int, written: int) -> dict[str, float]:
             finally:
                 w.stop.set()
                 w.join(30)
-            return {"create": w.longest_gap(t0 - 0.05, t1 + 0.05),
-                    "delete": w.longest_gap(t2 - 0.05, t3 + 0.05)}
+            if not w.done:
+                raise RuntimeError("the stall writer completed no write")
+            return {"create": w.longest_gap(t0, t1), "delete": w.longest_gap(t2, t3)}
     finally:
         m.close()
 
 
 def merge_vs_commit(work: str, size: int, delta: int) -> dict[str, float]:
-    """MB/s of merging a ``delta`` overlay away: snapfs delete-snapshot (the overlay of s1
-    under the active one, committed down) against ``qemu-img commit`` of a copy of it."""
+    """MB/s of merging a ``delta`` overlay into the raw base below it: snapfs delete-snapshot
+    of s0 (whose overlay holds the delta, under an empty active overlay) against
+    ``qemu-img commit`` of that overlay in a copy of the same share."""
     m = _mount(work, "merge")
-    share = m.share
     try:
         with Client(m.mnt) as c:
             c.request("create-volume", volume="m", size=size)
-            fill(m.mnt, c, size, delta, 1, vid="m")  # s0's overlay holds the delta
+            fill(m.mnt, c, size, delta, 1, vid="m")
             c.request("create-snapshot", volume="m", snapshot="top")
+    finally:
         m.close()
-        copy = os.path.join(work, "merge-copy")
-        shutil.copytree(share, copy)
-        m = SnapfsMount(share, m.mnt, os.path.join(work, "merge.log"))
+    copy = os.path.join(work, "merge-copy")
+    copy_tree(m.share, copy)
+    m = SnapfsMount(m.share, m.mnt, os.path.join(work, "merge-2.log"))
+    try:
         with Client(m.mnt) as c:
             t = time.perf_counter()
             c.request("delete-snapshot", volume="m", snapshot="s0")
             _wait_idle(m.mnt)
             ours = time.perf_counter() - t
-        t = time.perf_counter()
-        run("qemu-img", "commit", "-q", os.path.join(copy, "volume-m.s0"))
-        theirs = time.perf_counter() - t
-        return {"snapfs": delta / ours / 1e6, "qemu-img": delta / theirs / 1e6}
     finally:
         m.close()
+    t = time.perf_counter()
+    run("qemu-img", "commit", "-q", os.path.join(copy, "volume-m.s0"))
+    theirs = time.perf_counter() - t
+    return {"snapfs": delta / ours / 1e6, "qemu-img": delta / theirs / 1e6}
 
 
 def clone_vs_convert(work: str, share: str, size: int) -> dict[str, float]:
-    """MB/s (of volume size) of a raw clone of the chain against ``qemu-img convert``."""
-    from bench.targets import active_file
+    """MB/s (of volume size) of a raw clone of the chain in ``share`` against
+    ``qemu-img convert -O raw`` of the same chain."""
     os.makedirs(work)
     copy = os.path.join(work, "clone-share")
-    run("cp", "-a", "--sparse=always", share, copy)
+    copy_tree(share, copy)
     m = SnapfsMount(copy, os.path.join(work, "clone-mnt"), os.path.join(work, "clone.log"))
     try:
         with Client(m.mnt) as c:
@@ -158,29 +163,26 @@ def clone_vs_convert(work: str, share: str, size: int) -> dict[str, float]:
             ours = time.perf_counter() - t
     finally:
         m.close()
-    out = os.path.join(work, "convert.raw")
     t = time.perf_counter()
-    run("qemu-img", "convert", "-O", "raw", active_file(share), out)
+    run("qemu-img", "convert", "-O", "raw", active_file(share), os.path.join(work, "convert.raw"))
     theirs = time.perf_counter() - t
     return {"snapfs": size / ours / 1e6, "qemu-img": size / theirs / 1e6}
 
 
 def daemon_rss(work: str, volumes: int, snapshots: int, size: int) -> float:
-    """VmRSS (MiB) of a daemon serving ``volumes`` x ``snapshots`` after each volume and each
-    snapshot file was read."""
+    """VmRSS (MiB) of a daemon serving ``volumes`` x ``snapshots`` after every volume was
+    read once whole and every snapshot file was opened and read from."""
     m = _mount(work, "rss")
     try:
         with Client(m.mnt) as c:
             for v in range(volumes):
-                vid = f"r{v}"
-                c.request("create-volume", volume=vid, size=size)
-                fill(m.mnt, c, size, snapshots * MIB, snapshots, vid=vid)
+                c.request("create-volume", volume=f"r{v}", size=size)
+                fill(m.mnt, c, size, snapshots * MIB, snapshots, vid=f"r{v}")
         for v in range(volumes):
-            vid = f"r{v}"
-            with open(os.path.join(m.mnt, f"volume-{vid}"), "rb") as f:
+            with open(os.path.join(m.mnt, f"volume-r{v}"), "rb") as f:
                 while f.read(4 * MIB):
                     pass
-            snapdir = os.path.join(m.mnt, ".snapshots", f"volume-{vid}")
+            snapdir = os.path.join(m.mnt, ".snapshots", f"volume-r{v}")
             for sid in os.listdir(snapdir):
                 with open(os.path.join(snapdir, sid), "rb") as f:
                     f.read(MIB)
@@ -194,17 +196,17 @@ def daemon_rss(work: str, volumes: int, snapshots: int, size: int) -> float:
 
 
 def slow_share(work: str, share: str, seconds: float, size: int, delay_ms: float
-               ) -> dict[str, float]:
-    """Random 4 KiB read IOPS at iodepth 1 and 16 with ``delay_ms`` added to every share I/O."""
-    from bench.fio import fio
-    from bench.targets import SnapfsTarget
-    d = os.path.join(work, "slow")
-    os.makedirs(d)
-    t = SnapfsTarget(share, d, env={"SNAPFS_IO_DELAY_MS": str(delay_ms)})
+               ) -> dict[str, float] | None:
+    """Random 4 KiB read IOPS at iodepth 1 and 16 with ``delay_ms`` added to every share I/O
+    (snapfs's ``SNAPFS_IO_DELAY_MS`` seam); None when the daemon ignores the variable, seen
+    as an iodepth 1 rate no delayed read could reach."""
+    os.makedirs(work)
+    t = SnapfsTarget(share, work, env={"SNAPFS_IO_DELAY_MS": f"{delay_ms:g}"})
     try:
-        return {"qd1": fio(t.path, "rand-read-4K-qd1", seconds, size),
-                "qd16": fio(t.path, "rand-read-4K-qd16", seconds, size)}
+        qd1 = fio(t.path, WORKLOADS["rand-read-4K-qd1"], True, seconds, size)
+        if qd1 > 1000 / delay_ms:
+            return None
+        return {"qd1": qd1, "qd16": fio(t.path, WORKLOADS["rand-read-4K-qd16"], True, seconds,
+                                        size)}
     finally:
         t.close()
-
-
