@@ -196,8 +196,8 @@ class Volume:
     async def push_overlay(self, name: str) -> None:
         """Freeze the active image and put a new empty overlay on top (a snapshot).
 
-        The overlay is created and the active image flushed before guest I/O pauses; the
-        pause covers only the last writes' flush and the switch."""
+        The overlay is created and the active image flushed before guest I/O pauses, which
+        covers only the switch; the writes that arrived meanwhile are flushed after it."""
         from snapfs.chain.image import create_qcow2
         top = self.top
         await top.flush()
@@ -209,9 +209,7 @@ class Volume:
         try:
             new = await open_image(path, "qcow2", writable=True)
             async with self.gate.exclusive():
-                await top.finish_writing()
                 new.backing = top
-                freeze(top)
                 self.images.append(new)
                 self._remap()
         except BaseException:
@@ -221,6 +219,16 @@ class Volume:
                     await new.close()
                 os.unlink(path)
             raise
+        # No guest write reaches the old image any more: make it durable with I/O going on.
+        try:
+            await top.finish_writing()
+        except SnapfsError as exc:
+            # The snapshot stands (guest writes already go above it); the image keeps its
+            # caches and stays open for writing, so closing it flushes them again.
+            log.error("volume %s: flushing %s after the snapshot failed: %s", self.vid,
+                      os.path.basename(top.path), exc.message)
+            return
+        freeze(top)
 
     async def commit_down(self, name: str, on_progress=None) -> None:
         """Merge file ``name`` into the image below it and drop it from the chain.
