@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+from snapfs.chain.leases import default_host_id, host_running
 from snapfs.ctl import Client
 
 MiB = 1 << 20
@@ -110,9 +111,8 @@ def main(work: str) -> None:
     finally:
         say("\n# unmount")
         sh("fusermount3", "-u", mnt)
-        for _ in range(100):
-            if not os.path.exists(os.path.join(share, ".snapfs", "lease.json")) or \
-                    not os.path.ismount(mnt):
+        for _ in range(100):  # the daemon lets go of the share just after the unmount
+            if not host_running(os.path.join(share, ".snapfs"), default_host_id()):
                 break
             time.sleep(0.1)
     for name in sorted(os.listdir(share)):

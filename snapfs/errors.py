@@ -81,3 +81,23 @@ def from_oserror(exc: OSError, what: str) -> SnapfsError:
     }.get(code, ShareIOError)
     err = cls(f"{what}: {exc.strerror or exc}")
     return err
+
+
+class Moved(SnapfsError):
+    """The volume is owned by another daemon on the share: the request must go there."""
+
+    def __init__(self, vid: str, host: str):
+        super().__init__(f"volume {vid} is owned by the snapfs daemon of host {host}")
+        self.vid = vid
+        self.host = host
+
+
+class NotOwner(SnapfsError):
+    """A guest write reached a volume this daemon only follows (another daemon owns it)."""
+
+
+def from_reply(errno_name: str, message: str) -> SnapfsError:
+    """The error a daemon reported for a request it carried out for another one."""
+    exc = SnapfsError(message)
+    exc.errno = getattr(_errno, str(errno_name), _errno.EIO)
+    return exc

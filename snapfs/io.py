@@ -30,6 +30,7 @@ Cancelled = trio.Cancelled
 open_nursery = trio.open_nursery
 CancelScope = trio.CancelScope
 move_on_after = trio.move_on_after
+current_task = trio.lowlevel.current_task
 
 #: File systems whose calls can wait on a network or another process.
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
@@ -163,6 +164,7 @@ class BlockFile:
         self.inline = inline
         self.closed = False
         self.relock = None  # called with the new descriptor after a reopen
+        self.ino = os.fstat(fd).st_ino  # a reopen must find the same file, not a successor
         self._busy = 0  # calls running in worker threads
         self._mutex = threading.Lock()
 
@@ -224,6 +226,9 @@ class BlockFile:
         new = os.open(self.path, (os.O_RDWR if self.writable else os.O_RDONLY)
                       | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
+            if os.fstat(new).st_ino != self.ino:
+                raise Replaced(f"{self.path} was replaced by another file (another host "
+                               "changed the chain)")
             os.dup2(new, fd)  # keep the number: the engine may hold it
         finally:
             os.close(new)
@@ -284,6 +289,11 @@ class BlockFile:
 
 class _Stale(Exception):
     pass
+
+
+class Replaced(ShareIOError):
+    """A file went stale because another daemon renamed a new file over its name: its
+    tables no longer describe what that name holds, so it is never reopened by name."""
 
 
 def _estale(fn):

@@ -8,20 +8,18 @@ accepted and ignored, ``-f`` is a fake mount, generic options are ignored.  With
 from __future__ import annotations
 
 import argparse
-import errno
 import faulthandler
-import fcntl
 import grp
-import json
 import logging
 import logging.handlers
 import os
+import resource
 import signal
-import socket
-import struct
 import sys
 import time
 from dataclasses import dataclass
+
+from snapfs.chain.catalog import ID_RE
 
 log = logging.getLogger("snapfs.mount")
 
@@ -50,6 +48,9 @@ class MountConfig:
     fake: bool = False
     io_timeout: float = 60.0
     space_warn: float = 10.0
+    host_id: str | None = None  # this daemon's name on the share (default: the host name)
+    refresh: float = 1.0  # seconds between looks for what other daemons changed
+    owner_timeout: float = 10.0  # seconds a request waits for another host's daemon to take it
 
 
 class UsageError(Exception):
@@ -113,6 +114,12 @@ def parse_args(argv: list[str]) -> MountConfig:
                 cfg.io_timeout = float(value)
             elif key == "space_warn" and 0 <= float(value) <= 100:
                 cfg.space_warn = float(value)
+            elif key == "host_id" and ID_RE.fullmatch(value):
+                cfg.host_id = value
+            elif key == "refresh" and 0.05 <= float(value) <= 60:
+                cfg.refresh = float(value)
+            elif key == "owner_timeout" and float(value) > 0:
+                cfg.owner_timeout = float(value)
             else:
                 raise UsageError(f"unknown option {opt!r}")
         except ValueError:
@@ -146,52 +153,28 @@ def setup_logging(cfg: MountConfig) -> None:
         faulthandler.register(signal.SIGUSR1, all_threads=True, file=trace)
 
 
-# -- the share lease ----------------------------------------------------------------------
+# -- the host lease -----------------------------------------------------------------------
 
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-
-
-def _try_lock(fd: int) -> bool:
-    arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, arg)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-
-
-def acquire_lease(cfg: MountConfig) -> int:
-    """One daemon per share (until many-host support): an exclusive lock on the share.
+def acquire_lease(cfg: MountConfig):
+    """One daemon per host id on a share (daemons of other hosts share it; see leases).
 
     A holder whose mount is already gone is shutting down: wait for it, bounded."""
+    from snapfs.chain.leases import Leases, default_host_id
     meta = os.path.join(cfg.share, ".snapfs")
     os.makedirs(meta, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(meta, "lease"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    leases = Leases(meta, cfg.host_id or default_host_id(), cfg.mountpoint)
     deadline = time.monotonic() + LEASE_WAIT
-    while not _try_lock(fd):
-        holder = _read_holder(meta)
-        mounted = holder and os.path.ismount(holder.get("mountpoint", "")) and \
-            holder.get("host") == socket.gethostname()
+    while not leases.hold_host():
+        holder = leases.host_record()
+        mounted = holder and os.path.ismount(holder.get("mountpoint") or "") and \
+            holder.get("host") == leases.host
         if mounted or time.monotonic() > deadline:
             where = f" at {holder.get('mountpoint')} (pid {holder.get('pid')})" if holder else ""
-            os.close(fd)
-            raise UsageError(f"share {cfg.share} is already served by another snapfs daemon{where}")
+            leases.close()
+            raise UsageError(f"share {cfg.share} is already served by another snapfs daemon "
+                             f"with host id {leases.host}{where}")
         time.sleep(0.1)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "mountpoint": cfg.mountpoint,
-            "since": time.time()}
-    with open(os.path.join(meta, "lease.json"), "w") as f:
-        json.dump(info, f)
-    return fd
-
-
-def _read_holder(meta: str) -> dict | None:
-    try:
-        with open(os.path.join(meta, "lease.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return leases
 
 
 # -- running ------------------------------------------------------------------------------
@@ -208,13 +191,18 @@ def serve(cfg: MountConfig, ready) -> int:
     # A worker thread whose share call returned waits for the GIL while the loop computes;
     # Python's default 5 ms switch interval made every threaded call cost milliseconds.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Every open image and every volume lease is a descriptor: allow as many as the host does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     try:
-        lease = acquire_lease(cfg)
+        leases = acquire_lease(cfg)
         set_timeout(cfg.io_timeout)
         svc = VolumeService(cfg.share, default_format="qcow2" if cfg.qcow2_volumes else "raw",
                             file_mode=0o660, unrecorded_format=cfg.unrecorded_format,
-                            space_warn=cfg.space_warn)
+                            space_warn=cfg.space_warn, leases=leases,
+                            owner_timeout=cfg.owner_timeout)
         ops = Operations(svc, Options(uid=cfg.uid, gid=cfg.gid, mode=cfg.mode,
                                       ctl_gid=cfg.ctl_gid, read_only=cfg.read_only,
                                       mountpoint=cfg.mountpoint))
@@ -235,27 +223,27 @@ def serve(cfg: MountConfig, ready) -> int:
     log.info("serving %s at %s", cfg.share, cfg.mountpoint)
     clean = False
     try:
-        trio.run(_main, svc, ready, cfg.mountpoint)
+        trio.run(_main, svc, ready, cfg)
         clean = True
     except BaseException:
         log.exception("daemon stopped on an error")
         raise
     finally:
         pyfuse3.close(unmount=clean)
-        os.close(lease)
+        leases.close()
         log.info("unmounted %s", cfg.mountpoint)
     return 0
 
 
-async def _main(svc, ready, mountpoint: str) -> None:
+async def _main(svc, ready, cfg: MountConfig) -> None:
     import pyfuse3
     import trio
 
-    async with svc.running():
+    async with svc.running(refresh=cfg.refresh):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals)
             nursery.start_soon(svc.watch_space)
-            nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
+            nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint)
             ready(None)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

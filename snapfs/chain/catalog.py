@@ -7,7 +7,10 @@ snapfs keeps its own records under ``.snapfs/`` on the share:
 - ``.snapfs/volumes/<vid>.json``  base format (recorded once, never guessed again), snapshot
   creation times, the owner and mode the mount shows;
 - ``.snapfs/intents/<vid>.json``  the multi-step operation in progress, if any;
-- ``.snapfs/tmp/``                 temporary files, renamed into place when complete.
+- ``.snapfs/tmp/<host>/``          temporary files, renamed into place when complete (one
+  directory per host id: a daemon starting never removes another's files in progress);
+- ``.snapfs/hosts/``, ``owners/``, ``generation``  leases and change counters
+  (``snapfs.chain.leases``).
 
 Every file is replaced atomically: write a temporary file, fsync, rename, fsync the directory.
 This module does blocking calls on the share; callers run them through ``snapfs.io``.
@@ -61,12 +64,14 @@ def info_name(vid: str) -> str:
 class Share:
     """Blocking access to one share directory: names, ``.info`` files and records."""
 
-    def __init__(self, root: str, *, file_mode: int = 0o660, unrecorded_format: str | None = None):
+    def __init__(self, root: str, *, file_mode: int = 0o660, unrecorded_format: str | None = None,
+                 host: str = "local"):
         self.root = os.path.abspath(root)
         self.file_mode = file_mode
         self.unrecorded_format = unrecorded_format
         self.meta = os.path.join(self.root, META_DIR)
-        for d in ("", "volumes", "intents", "tmp", "locks"):
+        self.tmp = os.path.join(self.meta, "tmp", host)
+        for d in ("", "volumes", "intents", "tmp", self.tmp):
             os.makedirs(os.path.join(self.meta, d), mode=0o700, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -75,7 +80,7 @@ class Share:
     # -- atomic files ----------------------------------------------------------------------
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        tmp = os.path.join(self.meta, "tmp", f"{os.path.basename(path)}.{uuid.uuid4().hex}")
+        tmp = os.path.join(self.tmp, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
             try:
@@ -232,12 +237,15 @@ class Share:
         return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json"))
 
     def clean_tmp(self) -> None:
-        d = os.path.join(self.meta, "tmp")
-        for n in os.listdir(d):
-            try:
-                os.unlink(os.path.join(d, n))
-            except OSError:
-                pass
+        """Drop this host's temporary files (and loose ones an older snapfs left)."""
+        for d in (self.tmp, os.path.join(self.meta, "tmp")):
+            for n in os.listdir(d):
+                p = os.path.join(d, n)
+                if os.path.isfile(p):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
 
     # -- listing ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ WRITER_UNSHARED = (WRITE, RESIZE)
 
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 _FLOCK = "hhqqi4x"  # struct flock on Linux x86-64 and aarch64
 
 
@@ -34,6 +35,31 @@ def _flock(fd: int, cmd: int, ltype: int, start: int) -> int:
     arg = struct.pack(_FLOCK, ltype, 0, start, 1, 0)
     res = fcntl.fcntl(fd, cmd, arg)
     return struct.unpack(_FLOCK, res)[0]
+
+
+def try_byte(fd: int, byte: int, exclusive: bool = True) -> bool:
+    """Take an OFD lock on one byte without waiting; False if another holder conflicts."""
+    try:
+        _flock(fd, _F_OFD_SETLK, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, byte)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def wait_byte(fd: int, byte: int, exclusive: bool = True) -> None:
+    """Take an OFD lock on one byte, waiting for other holders (who hold it briefly)."""
+    _flock(fd, _F_OFD_SETLKW, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, byte)
+
+
+def unlock_byte(fd: int, byte: int) -> None:
+    _flock(fd, _F_OFD_SETLK, fcntl.F_UNLCK, byte)
+
+
+def byte_held(fd: int, byte: int) -> bool:
+    """Whether another open file description holds a lock on ``byte``."""
+    return _flock(fd, _F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
 
 
 def _held_by_other(fd: int, byte: int) -> bool:

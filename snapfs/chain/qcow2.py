@@ -28,7 +28,7 @@ from snapfs.chain.format import (
 from snapfs.chain.locks import lock_for_writing
 from snapfs.chain.refcount import Refcounts
 from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
-from snapfs.io import BlockFile, Event, Lock
+from snapfs.io import BlockFile, Event, Lock, Replaced
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,28 @@ class Qcow2Image:
             if not self.writable and len(self.l2_cache) > self.l2_cache_max:
                 self.l2_cache.popitem(last=False)  # read-only: every table is clean
         return t
+
+    async def revalidate(self) -> None:
+        """An image another daemon writes: read its header and L1 table again and forget the
+        cached tables, so that reads see what that daemon has made durable since."""
+        if self.writable:
+            return
+        file_size = await self.f.size()
+        first = await self.f.pread(0, 1 << 21 if file_size > 65536 else 65536)
+        h = Header.parse(first, file_size)
+        if (h.cluster_size, h.backing_file) != (self.cs, self.h.backing_file):
+            raise Replaced(f"{os.path.basename(self.path)} changed its layout (another host "
+                           "changed the chain)")
+        raw = await self.f.pread(h.l1_table_offset, h.l1_size * 8)
+        if len(raw) < h.l1_size * 8:
+            raise Corrupt("L1 table is truncated")
+        l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self.file_size = file_size
+        for i, e in enumerate(l1):
+            self._check_l1_entry(i, e)
+        self.h, self.size, self.l1 = h, h.size, l1
+        self.l2_cache.clear()
+        self._zcache = None
 
     def freeze(self) -> None:
         """No more writes: drop what only writing needs, keep a small read cache."""

@@ -119,6 +119,11 @@ class RawImage:
     async def finish_writing(self) -> None:
         await self.flush()
 
+    async def revalidate(self) -> None:
+        """A raw file another daemon writes: only its size can have changed."""
+        if not self.writable:
+            self.size = await self.f.size()
+
     async def allocated(self) -> int:
         st = await self.f.stat()
         return st.st_blocks * 512

@@ -1,35 +1,51 @@
 """The operations of CONTRACT.md section 3 on one share, without FUSE.
 
 ``VolumeService`` owns the open volumes and their locks.  Each operation validates its
-arguments first (bad input changes nothing), takes the volume's operation lock (in process, and
-a lock file on the share across processes), records its intent when it has several steps, and
-is idempotent as Cinder expects.  Long merges run as background jobs holding the volume's lock,
-so later operations on that volume wait for them.
+arguments first (bad input changes nothing), takes the volume's operation lock, records its
+intent when it has several steps, and is idempotent as Cinder expects.  Long merges run as
+background jobs holding the volume's lock, so later operations on that volume wait for them.
+
+Many daemons (one per host) may serve one share.  The volume's lock is then also its lease
+(``snapfs.chain.leases``): only the daemon owning a volume changes its chain or writes its
+active image.  A request for a volume another daemon owns goes to that daemon through its
+inbox on the share (``snapfs.chain.mailbox``) and the reply comes back the same way; a guest
+write on a volume owned elsewhere asks the owner to hand it over (it flushes everything and
+lets go) and takes the lease.  Taking over a lease whose holder died first finishes what the
+dead daemon's intent records, as after a crash.  The others follow: they read the chain
+read-only and read it again when the volume's change counter moves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 import uuid
 
-import filelock
-
 from snapfs.chain import catalog as cat
 from snapfs.chain.catalog import Share, base_name, check_id, overlay_name
 from snapfs.chain.copy import clone_image
 from snapfs.chain.image import create_qcow2, create_raw, open_image
+from snapfs.chain.leases import Leases, default_host_id, host_running
+from snapfs.chain.mailbox import Inbox
 from snapfs.chain.volume import Volume
-from snapfs.errors import Busy, Corrupt, Exists, Invalid, NotFound, SnapfsError
-from snapfs.io import (CancelScope, Semaphore, move_on_after, open_nursery, run_blocking,
-                       sleep)
+from snapfs.errors import (Busy, Corrupt, Exists, Invalid, Moved, NotFound, NotOwner,
+                           ShareIOError, SnapfsError, from_reply)
+from snapfs.io import (CancelScope, Semaphore, current_task, move_on_after, open_nursery,
+                       run_blocking, sleep)
 
 log = logging.getLogger(__name__)
 
 STATUS_WAIT = 2.0  # seconds status waits for the share before answering from memory
 SPACE_INTERVAL = 30.0  # seconds between free-space checks of the share
+REFRESH = 1.0  # seconds between looks at the share's change counter (what others changed)
+INBOX_POLL = 0.1  # seconds between looks into this daemon's inbox
+CLAIM_WAIT = 10.0  # seconds a request waits for the owning daemon to take it up
+OWNER_WAIT = 120.0  # seconds a write waits for a volume's lease (above NFSv4's 90 s lease)
+LEASE_IDLE = 60.0  # seconds a lease is kept for a volume nobody here uses
+MOVES = 5  # times a request follows a volume whose ownership keeps moving
 
 ARGS = {
     "create-volume": ({"volume", "size"}, {"format"}),
@@ -42,6 +58,11 @@ ARGS = {
     "manage": ({"volume", "source", "format"}, set()),
     "info": ({"volume"}, set()),
     "list": (set(), {"unmanaged"}),
+}
+# Requests daemons send each other, never accepted from a control file.
+INTERNAL = {
+    "handover": ({"volume"}, set()),
+    "set-attrs": ({"volume", "changes"}, set()),
 }
 
 
@@ -81,26 +102,50 @@ class Job:
 
 class VolumeService:
     def __init__(self, root: str, *, default_format: str = "raw", file_mode: int = 0o660,
-                 unrecorded_format: str | None = None, space_warn: float = 10.0):
-        self.share = Share(root, file_mode=file_mode, unrecorded_format=unrecorded_format)
+                 unrecorded_format: str | None = None, space_warn: float = 10.0,
+                 host_id: str | None = None, leases: Leases | None = None,
+                 mountpoint: str | None = None, offline: bool = False,
+                 owner_timeout: float = CLAIM_WAIT):
+        self.host_id = leases.host if leases else (host_id or default_host_id())
+        self.share = Share(root, file_mode=file_mode, unrecorded_format=unrecorded_format,
+                           host=self.host_id)
+        self.leases = leases or Leases(self.share.meta, self.host_id, mountpoint)
+        self.inbox = Inbox(self.share.meta, self.host_id)
         self.space_warn = space_warn  # percent of the share free below which snapfs warns
         self.space: dict = {"free_bytes": 0, "total_bytes": 0, "share_state": "ok"}
         self.space_low = False
         self.default_format = check_format(default_format)
         self.volumes: dict[str, Volume] = {}
         self.locks: dict[str, Semaphore] = {}
-        self.file_locks: dict[str, filelock.FileLock] = {}
+        self.holders: dict[str, object] = {}  # the task holding each volume's lock
         self.jobs: dict[str, Job] = {}
+        self.used: dict[str, float] = {}  # when each volume's lock was last let go
+        self.resuming: set[str] = set()  # volumes whose unfinished merge is about to go on
         self.failed: dict[str, str] = {}
         self.nursery = None
+        self.seen_gen = -1  # the share's change counter when this daemon last looked
+        self.on_change = None  # async callback(vids) after others changed volumes (the mount)
+        self.offline = offline  # a tool reading the share: follows every volume, owns none
+        self.owner_timeout = owner_timeout  # seconds a request waits for its owner to take it
 
     @contextlib.asynccontextmanager
-    async def running(self):
+    async def running(self, refresh: float = REFRESH):
         """Run the service: recover what a crash interrupted, then serve; jobs run inside."""
+        if not self.leases.me.held and not await self._blocking("locking",
+                                                                 self.leases.hold_host):
+            raise Busy(f"share {self.share.root} is already served by a snapfs daemon with "
+                       f"host id {self.host_id}")
+        n = await self._blocking("reading", self.inbox.abandon_claimed,
+                                 f"the snapfs daemon of host {self.host_id} restarted while "
+                                 "carrying out the request")
+        if n:
+            log.warning("answered %d request(s) a previous run of this daemon left unfinished", n)
         async with open_nursery() as nursery:
             self.nursery = nursery
             try:
                 await self.recover()
+                nursery.start_soon(self.serve_inbox)
+                nursery.start_soon(self.watch_share, refresh)
                 yield self
                 await self.wait_idle()
             finally:
@@ -113,65 +158,260 @@ class VolumeService:
                         except SnapfsError as exc:
                             log.error("volume %s: closing failed: %s", vol.vid, exc.message)
                 self.volumes.clear()
-                for fl in self.file_locks.values():
-                    fl.release(force=True)
+                self.leases.close()
+                self.inbox.close()
 
     async def wait_idle(self) -> None:
-        while self.jobs:
+        while self.jobs or self.resuming:
             await sleep(0.01)
 
     async def _blocking(self, what: str, fn, *args):
         return await run_blocking(False, what, fn, *args)
 
-    # -- locking ---------------------------------------------------------------------------
+    # -- locking and ownership -------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def locked(self, vid: str):
-        await self._acquire(vid)
+    async def locked(self, vid: str, take_over: bool = False):
+        await self._acquire(vid, take_over)
         try:
             yield
         finally:
             self._release(vid)
 
-    async def _acquire(self, vid: str) -> None:
+    async def _acquire(self, vid: str, take_over: bool = False) -> None:
+        """The volume's operation lock, in this daemon and on the share (its lease).
+
+        A volume another live daemon owns raises Moved, or with ``take_over`` (a guest write
+        here) asks that daemon to hand it over and waits for the lease."""
         sem = self.locks.setdefault(vid, Semaphore(1))
         await sem.acquire()
+        self.holders[vid] = current_task()
         try:
-            fl = self.file_locks.get(vid)
-            if fl is None:
-                path = os.path.join(self.share.meta, "locks", f"{vid}.lock")
-                fl = self.file_locks[vid] = filelock.FileLock(path, mode=0o600, thread_local=False)
-            while True:
-                try:
-                    await self._blocking("locking", lambda: fl.acquire(timeout=0))
-                    return
-                except filelock.Timeout:
-                    await sleep(0.05)
+            await self._own(vid, take_over)
         except BaseException:
+            self.holders.pop(vid, None)
             sem.release()
             raise
 
     def _release(self, vid: str) -> None:
-        self.file_locks[vid].release()
+        """Let other tasks at the volume; its lease stays until another daemon asks for it
+        (``hand_over``), so that this daemon need not take it again for the next request."""
+        self.holders.pop(vid, None)
         self.locks[vid].release()
+        self.used[vid] = time.monotonic()
+
+    async def _own(self, vid: str, take_over: bool) -> None:
+        if self.leases.owns(vid):
+            return
+        deadline = time.monotonic() + OWNER_WAIT
+        asked = None
+        try:
+            while True:
+                if await self._blocking("locking", self.leases.try_own, vid):
+                    break
+                host = await self._blocking("locking", self.leases.owner, vid)
+                if host is None:
+                    continue  # let go between the two looks: try again
+                if not take_over:
+                    raise Moved(vid, host)
+                if asked is None:
+                    log.info("volume %s: asking host %s to hand it over", vid, host)
+                    asked = (Inbox(self.share.meta, host), None)
+                    rid = await self._blocking("sending", asked[0].post, self.host_id,
+                                               {"op": "handover", "volume": vid})
+                    asked = (asked[0], rid)
+                if time.monotonic() > deadline:
+                    raise ShareIOError(f"volume {vid} is owned by host {host}, which did not "
+                                       f"hand it over within {OWNER_WAIT:g} s")
+                await sleep(0.02)
+        finally:
+            if asked is not None:
+                with CancelScope(shield=True), contextlib.suppress(SnapfsError):
+                    await self._blocking("sending", asked[0].forget, asked[1])
+                asked[0].close()
+        log.info("volume %s: this daemon (host %s) owns it now", vid, self.host_id)
+        try:
+            await self._took_over(vid)
+        except BaseException:
+            self.leases.disown(vid)
+            raise
+
+    async def _took_over(self, vid: str) -> None:
+        """Just after taking a volume's lease: finish what its last owner left (a crash, or
+        a merge paused by a handover), and stop following the volume if it is open here."""
+        intent = await self._blocking("reading", self.share.read_intent, vid)
+        if intent:
+            await self._recover_intent(vid, intent)
+        vol = self.volumes.get(vid)
+        if vol is not None and not vol.writable:
+            await self._reload(vol, writable=True)
+
+    async def writable(self, vid: str) -> Volume:
+        """The open volume, owned by this daemon so that a guest may write it."""
+        vol = await self.volume(vid)
+        if vol.writable:
+            return vol
+        await self._acquire(vid, take_over=True)
+        try:
+            vol = await self.volume(vid)
+            if not vol.writable:
+                await self._reload(vol, writable=True)
+            return vol
+        finally:
+            self._release(vid)
+
+    async def guest_write(self, vid: str, offset: int, data) -> None:
+        """A guest write: taken over from the owning daemon first if that is another one."""
+        for _ in range(MOVES):
+            vol = await self.writable(vid)
+            try:
+                return await vol.write(offset, data)
+            except NotOwner:
+                continue  # handed over again between the two steps
+        raise ShareIOError(f"volume {vid} keeps moving between hosts; write not done")
+
+    async def hand_over(self, volume, sender: str = "?") -> dict:
+        """Let another daemon own ``volume``: pause its merge (the next owner resumes it),
+        flush every acknowledged write, follow the volume from now on, drop the lease."""
+        vid = check_id(volume, "volume")
+        job = self.jobs.get(vid)
+        if job is not None:
+            log.info("volume %s: pausing the %s for host %s", vid, job.what, sender)
+            job.scope.cancel()
+            while vid in self.jobs:
+                await sleep(0.01)
+        sem = self.locks.setdefault(vid, Semaphore(1))
+        async with sem:
+            if not self.leases.owns(vid):
+                return {"volume": vid}
+            vol = self.volumes.get(vid)
+            if vol is not None:
+                if vol.users:
+                    await self._reload(vol, writable=False)
+                else:
+                    del self.volumes[vid]
+                    await vol.close()
+            self.leases.disown(vid)
+            log.info("volume %s: handed over to host %s", vid, sender)
+            return {"volume": vid}
+
+    async def _changed(self, vid: str | None) -> None:
+        """Tell the other daemons that ``vid`` (or the set of volumes) changed."""
+        try:
+            self.seen_gen = await self._blocking("recording", self.leases.changed, vid)
+        except SnapfsError as exc:
+            log.error("share %s: recording a change failed: %s", self.share.root, exc.message)
+        vol = self.volumes.get(vid) if vid else None
+        if vol is not None:
+            vol.gen += 1
 
     # -- dispatch --------------------------------------------------------------------------
 
-    async def handle(self, request) -> dict:
-        """Run one control request (a decoded JSON object); returns the result or raises."""
+    async def handle(self, request, *, forwarded: bool = False, internal: bool = False,
+                     sender: str = "?") -> dict:
+        """Run one control request (a decoded JSON object); returns the result or raises.
+
+        A request for a volume another daemon owns is carried out by that daemon.  Internal
+        ops come from this daemon's mount (``internal``) or another daemon (``forwarded``)."""
         if not isinstance(request, dict):
             raise Invalid("a request is a JSON object")
         op = request.get("op")
-        if not isinstance(op, str) or op not in ARGS:
+        table = {**ARGS, **INTERNAL} if forwarded or internal else ARGS
+        if not isinstance(op, str) or op not in table:
             raise Invalid(f"unknown op {op!r}")
-        required, optional = ARGS[op]
+        required, optional = table[op]
         keys = set(request) - {"op"}
         if keys - required - optional:
             raise Invalid(f"unknown argument(s) for {op}: {', '.join(sorted(keys - required - optional))}")
         if required - keys:
             raise Invalid(f"{op} needs {', '.join(sorted(required - keys))}")
         args = {k.replace("-", "_"): v for k, v in request.items() if k != "op"}
-        return await getattr(self, op.replace("-", "_"))(**args)
+        if op == "handover":
+            return await self.hand_over(sender=sender, **args)
+        fn = getattr(self, op.replace("-", "_"))
+        for _ in range(MOVES):
+            try:
+                return await fn(**args)
+            except Moved as moved:
+                if forwarded:
+                    raise
+                try:
+                    return await self._forward(moved.host, request)
+                except Moved:
+                    continue  # it moved on again: look again where it is
+        raise ShareIOError(f"the owner of the volume kept changing; {op} not done")
+
+    async def _forward(self, host: str, request: dict) -> dict:
+        """Have the daemon of ``host`` carry out ``request``; its result, or its error."""
+        inbox = Inbox(self.share.meta, host)
+        try:
+            rid = await self._blocking("sending", inbox.post, self.host_id, request)
+            log.info("%s for volume %s: sent to host %s, which owns it", request.get("op"),
+                     request.get("volume"), host)
+            posted = time.monotonic()
+            while True:
+                await sleep(INBOX_POLL / 2)
+                with CancelScope(shield=True):
+                    reply = await self._blocking("reading", inbox.collect, rid)
+                if reply is not None:
+                    break
+                if time.monotonic() - posted < self.owner_timeout:
+                    continue
+                entry = await self._blocking("reading", inbox.entry, rid)
+                if entry is None:
+                    raise ShareIOError(f"host {host} lost the request")
+                if entry.get("state") == "new":
+                    if await self._blocking("sending", inbox.withdraw, rid):
+                        raise ShareIOError(
+                            f"host {host} owns volume {request.get('volume')} and did not "
+                            f"answer within {self.owner_timeout:g} s; nothing was changed")
+                elif not await self._blocking("reading", self._host_alive, host):
+                    await self._blocking("sending", inbox.forget, rid)
+                    raise ShareIOError(
+                        f"host {host} stopped while carrying out the request; the next owner "
+                        "of the volume finishes or rolls back what it began")
+        finally:
+            inbox.close()
+        if reply.get("ok"):
+            return reply.get("result") or {}
+        if reply.get("moved"):
+            raise Moved(str(request.get("volume")), reply["moved"])
+        raise from_reply(reply.get("errno", "EIO"), reply.get("message") or "failed")
+
+    def _host_alive(self, host: str) -> bool:
+        return host_running(self.share.meta, host)
+
+    async def serve_inbox(self) -> None:
+        """Carry out what other daemons ask of this one."""
+        while True:
+            with move_on_after(10):
+                try:
+                    for rid, sender, request in await self._blocking("reading",
+                                                                     self.inbox.claim):
+                        self.nursery.start_soon(self._serve_request, rid, sender, request)
+                except SnapfsError as exc:
+                    log.warning("reading the inbox of host %s failed: %s", self.host_id,
+                                exc.message)
+            await sleep(INBOX_POLL)
+
+    async def _serve_request(self, rid: str, sender: str, request) -> None:
+        op = request.get("op") if isinstance(request, dict) else None
+        try:
+            result = await self.handle(request, forwarded=True, sender=sender)
+            reply = {"ok": True, "op": op, "result": result}
+        except Moved as moved:
+            reply = {"ok": False, "op": op, "moved": moved.host, "errno": "EIO",
+                     "message": moved.message}
+        except SnapfsError as exc:
+            reply = {"ok": False, "op": op, "errno": exc.errno_name, "message": exc.message}
+        if op != "handover":
+            log.info("carried out %s for host %s: %s", op, sender,
+                     "ok" if reply["ok"] else reply["message"])
+        with CancelScope(shield=True):
+            try:
+                await self._blocking("answering", self.inbox.answer, rid, reply)
+            except SnapfsError as exc:
+                log.error("answering host %s failed: %s", sender, exc.message)
 
     # -- opening volumes -------------------------------------------------------------------
 
@@ -180,23 +420,54 @@ class VolumeService:
         exists = info is not None or self.share.exists(base_name(vid))
         return info, exists
 
-    async def volume(self, vid: str) -> Volume:
-        """The open volume (opened now if needed).  Call with the volume's lock held, or
-        from I/O paths that only read ``volumes``."""
+    async def volume(self, vid: str, own: bool = True) -> Volume:
+        """The open volume (opened now if needed): writable if this daemon owns it, else a
+        follower.  A volume nobody owns becomes this daemon's unless ``own`` is False (a
+        look at its attributes).  Call with the volume's lock held, or from I/O paths that
+        only read ``volumes``."""
         vol = self.volumes.get(vid)
         if vol is not None:
             return vol
+        if self.offline or not own:
+            return await self._open_volume(vid, self.leases.owns(vid) and not self.offline)
+        if self.holders.get(vid) is current_task():
+            return await self._open_volume(vid, self.leases.owns(vid))
+        try:
+            await self._acquire(vid)  # nobody owns it: this daemon does from now on
+        except Moved:
+            return await self._open_volume(vid, False)
+        try:
+            return await self._open_volume(vid, True)
+        finally:
+            self._release(vid)
+
+    async def _open_volume(self, vid: str, writable: bool) -> Volume:
+        vol = self.volumes.get(vid)
+        if vol is not None:
+            return vol
+        vol = Volume(self.share, vid)
+        await self._load(vol, writable)
+        other = self.volumes.get(vid)
+        if other is not None:  # opened meanwhile by another task
+            await vol.close()
+            return other
+        self.volumes[vid] = vol
+        return vol
+
+    async def _load(self, vol: Volume, writable: bool) -> None:
+        """(Re)open a volume's chain as the share has it now."""
+        vid = vol.vid
+        gen = await self._blocking("reading", self.leases.volume_gen, vid)
         info, exists = await self._blocking("reading", self._state, vid)
         if not exists:
             raise NotFound(f"no volume {vid}")
         active = info["active"] if info else base_name(vid)
-        vol = Volume(self.share, vid)
         try:
             if active == base_name(vid):
                 fmt = await self._blocking("reading", self.share.base_format, vid, None)
-                await vol.open(active, fmt)
+                await vol.open(active, fmt, writable)
             else:
-                await vol.open(active, "qcow2")
+                await vol.open(active, "qcow2", writable)
                 base = vol.images[0]
                 rec = await self._blocking("reading", self.share.read_record, vid)
                 if rec is None:
@@ -219,8 +490,39 @@ class VolumeService:
         vol.snap_files = {sid: name for sid, name in sorted(
             ((k, v) for k, v in (info or {}).items() if k != "active"),
             key=lambda kv: (created.get(kv[0], {}).get("created", 0), kv[0]))}
-        self.volumes[vid] = vol
+        vol.attrs = None
+        vol.gen = gen
+        vol.reload = functools.partial(self._reload, vol, False)
+
+    async def _reload(self, vol: Volume, writable: bool) -> None:
+        """Open a volume's chain again, as owner or follower, with guest I/O paused."""
+        async with vol.gate.exclusive():
+            await vol.close()
+            try:
+                await self._load(vol, writable)
+            except SnapfsError:
+                if self.volumes.get(vol.vid) is vol and not vol.users:
+                    del self.volumes[vol.vid]
+                raise
+
+    async def opened(self, vid: str) -> Volume:
+        """A file of the volume is being opened: a follower looks at the share again
+        (close-to-open, as NFS does for plain files)."""
+        vol = await self.volume(vid)
+        if not vol.writable:
+            await self._follow(vol)
         return vol
+
+    async def _follow(self, vol: Volume) -> bool:
+        """A follower: read the chain again if its owner changed it, else the active image's
+        tables.  True when the chain was read again."""
+        gen = await self._blocking("reading", self.leases.volume_gen, vol.vid)
+        if gen != vol.gen and not vol.writable:
+            log.info("volume %s: changed by its owner, reading its chain again", vol.vid)
+            await self._reload(vol, writable=False)
+            return True
+        await vol.refresh()
+        return False
 
     def _check_info(self, vid: str, info: dict | None, vol: Volume) -> None:
         """Every snapshot the .info names must be an overlay within the chain."""
@@ -237,9 +539,9 @@ class VolumeService:
             await vol.close()
 
     @contextlib.asynccontextmanager
-    async def hold(self, vid: str):
+    async def hold(self, vid: str, own: bool = True):
         """The open volume, kept open (not released) while the caller uses it."""
-        vol = await self.volume(vid)
+        vol = await self.volume(vid, own)
         vol.users += 1
         try:
             yield vol
@@ -265,12 +567,13 @@ class VolumeService:
                 raise Exists(f"volume {vid} exists with a different size or format")
             rec = {"format": fmt, "snapshots": {}, "created": time.time()}
             await self._blocking("recording", self.share.write_record, vid, rec)
-            tmp = os.path.join(self.share.meta, "tmp", f"{base_name(vid)}.{uuid.uuid4().hex}")
+            tmp = os.path.join(self.share.tmp, f"{base_name(vid)}.{uuid.uuid4().hex}")
             if fmt == "raw":
                 await create_raw(tmp, size, mode=self.share.file_mode)
             else:
                 await create_qcow2(tmp, size, mode=self.share.file_mode)
             await self._blocking("renaming", self._rename_into, tmp, base_name(vid))
+            await self._changed(vid)
             log.info("created volume %s (%d bytes, %s)", vid, size, fmt)
             return {"volume": vid, "size": size, "format": fmt}
 
@@ -301,6 +604,7 @@ class VolumeService:
                 await vol.close()
             await self._blocking("deleting", self._delete_files, vid)
             if exists:
+                await self._changed(vid)
                 log.info("deleted volume %s", vid)
             return {"volume": vid}
 
@@ -321,6 +625,7 @@ class VolumeService:
                 raise Invalid(f"volume {vid} is larger ({vol.size} bytes) than {size}")
             if size > vol.size:
                 await vol.resize(size)
+                await self._changed(vid)
                 log.info("extended volume %s to %d bytes", vid, size)
             return {"volume": vid, "size": size}
 
@@ -342,6 +647,7 @@ class VolumeService:
             info["active"] = name
             await self._blocking("recording", self._commit_snapshot, vid, sid, info)
             vol.snap_files[sid] = name
+            await self._changed(vid)
             log.info("created snapshot %s of volume %s", sid, vid)
             return {"volume": vid, "snapshot": sid}
 
@@ -366,6 +672,7 @@ class VolumeService:
             del info[sid]
             await self._blocking("recording", self._forget_snapshot, vid, sid, info, intent)
             vol.snap_files.pop(sid, None)
+            await self._changed(vid)
             log.info("deleted snapshot %s of volume %s; merging %s", sid, vid, name)
             self._start_merge(vid, vol, name)
             handed_over = True
@@ -393,6 +700,9 @@ class VolumeService:
         try:
             with job.scope:
                 await self._merge(vol, name, job.progress)
+            if job.scope.cancelled_caught and vid in self.volumes:
+                log.info("volume %s: merge of %s paused; the volume's next owner goes on "
+                         "with it", vid, name)
         except SnapfsError as exc:
             self.failed[vid] = f"merge of {name} failed: {exc.message}"
             log.error("volume %s: merge of %s failed: %s", vid, name, exc.message)
@@ -429,6 +739,7 @@ class VolumeService:
                 info["active"] = vol.names()[-1]
                 await self._blocking("recording", self.share.write_info, vid, info)
         await self._blocking("cleaning", self._finish_merge, vid, name)
+        await self._changed(vid)
         if self.failed.get(vid, "").startswith(("merge of", "recovery failed")):
             del self.failed[vid]
         log.info("volume %s: merge of %s finished", vid, name)
@@ -447,8 +758,11 @@ class VolumeService:
         fmt = check_format(format) if format is not None else self.default_format
         if vid == src:
             raise Invalid("a volume cannot be cloned onto itself")
-        first, second = sorted((vid, src))
-        async with self.locked(first), self.locked(second):
+        if (await self._blocking("reading", self._state, vid))[1]:
+            raise Exists(f"volume {vid} already exists")
+        # The source's owner carries out the clone (Moved); the new volume's lease is taken
+        # from whoever holds it idle.  Only a new volume is locked second: no lock cycle.
+        async with self.locked(src), self.locked(vid, take_over=True):
             _, exists = await self._blocking("reading", self._state, vid)
             if exists:
                 raise Exists(f"volume {vid} already exists")
@@ -475,13 +789,14 @@ class VolumeService:
                 finally:
                     if tmp_sid is not None:
                         await self._drop_snapshot_locked(vol, tmp_sid)
+            await self._changed(vid)
             log.info("cloned volume %s from %s%s", vid, src, f" snapshot {sid}" if sid else "")
             return {"volume": vid, "size": size or source.size, "format": fmt}
 
     async def _clone_into(self, vid: str, source, size: int, fmt: str) -> None:
         rec = {"format": fmt, "snapshots": {}, "created": time.time()}
         await self._blocking("recording", self.share.write_record, vid, rec)
-        tmp = os.path.join(self.share.meta, "tmp", f"{base_name(vid)}.{uuid.uuid4().hex}")
+        tmp = os.path.join(self.share.tmp, f"{base_name(vid)}.{uuid.uuid4().hex}")
         try:
             await clone_image(source, tmp, size, fmt, self.share.file_mode)
             await self._blocking("renaming", self._rename_into, tmp, base_name(vid))
@@ -502,6 +817,7 @@ class VolumeService:
         info["active"] = name
         await self._blocking("recording", self._commit_snapshot, vol.vid, sid, info)
         vol.snap_files[sid] = name
+        await self._changed(vol.vid)
 
     async def _drop_snapshot_locked(self, vol: Volume, sid: str) -> None:
         info = await self._blocking("reading", self.share.read_info, vol.vid) or {}
@@ -523,6 +839,7 @@ class VolumeService:
                                  {"op": "revert", "snapshot": sid})
             await self._revert(vol, info[sid])
             await self._blocking("recording", self.share.clear_intent, vid)
+            await self._changed(vid)
             log.info("reverted volume %s to snapshot %s", vid, sid)
             return {"volume": vid, "snapshot": sid}
 
@@ -578,11 +895,15 @@ class VolumeService:
             rec = {"format": fmt, "snapshots": {}, "managed": time.time()}
             await self._blocking("recording", self.share.write_record, vid, rec)
             await self._blocking("renaming", self._rename_into, path, base_name(vid))
+            await self._changed(vid)
             log.info("managing %s as volume %s (%s)", source, vid, fmt)
             return {"volume": vid}
 
     async def info(self, volume) -> dict:
         vid = check_id(volume, "volume")
+        host = None if self.offline else await self._blocking("reading", self.leases.owner, vid)
+        if host is not None:
+            raise Moved(vid, host)  # its owner knows its state
         if vid in self.failed and vid not in self.volumes:
             _, exists = await self._blocking("reading", self._state, vid)
             if not exists:
@@ -591,7 +912,7 @@ class VolumeService:
             return {"volume": vid, "size": 0, "base_format": None, "active": None,
                     "files": [], "snapshots": [], "allocated": 0, "state": "failed",
                     "reason": self.failed[vid]}
-        async with self.hold(vid) as vol:
+        async with self.hold(vid, own=False) as vol:
             info = await self._blocking("reading", self.share.read_info, vid) or {
                 "active": base_name(vid)}
             rec = await self._blocking("reading", self.share.read_record, vid) or {}
@@ -651,6 +972,16 @@ class VolumeService:
         return attrs
 
     async def set_volume_attrs(self, vid: str, changes: dict) -> None:
+        """chmod/chown in the mount: kept in the volume's record, by the volume's owner."""
+        await self.handle({"op": "set-attrs", "volume": vid, "changes": changes},
+                          internal=True)
+
+    async def set_attrs(self, volume, changes) -> dict:
+        vid = check_id(volume, "volume")
+        if (not isinstance(changes, dict) or set(changes) - {"mode", "uid", "gid"}
+                or not all(isinstance(v, int) and not isinstance(v, bool)
+                           for v in changes.values())):
+            raise Invalid("changes holds integer mode, uid or gid")
         async with self.locked(vid):
             rec = await self._blocking("reading", self.share.read_record, vid)
             if rec is None:
@@ -660,6 +991,8 @@ class VolumeService:
             vol = self.volumes.get(vid)
             if vol is not None:
                 vol.attrs = rec["attrs"]
+            await self._changed(vid)
+            return {"volume": vid}
 
     async def snapshot_created(self, vid: str, sid: str) -> float:
         rec = await self._blocking("reading", self.share.read_record, vid) or {}
@@ -668,7 +1001,7 @@ class VolumeService:
 
     async def volume_status(self, vid: str) -> dict:
         try:
-            vol = await self.volume(vid)
+            vol = await self.volume(vid, own=False)
             allocated = 0
             for img in vol.images:
                 allocated += await img.allocated()
@@ -701,10 +1034,13 @@ class VolumeService:
         if waited.cancelled_caught:
             self.space["share_state"] = f"not answering within {STATUS_WAIT:g} s"
         vols += [self._known_status(vid) for vid in vids[len(vols):]]
-        return {"share": self.share.root, **self.space,
+        return {"share": self.share.root, "host": self.host_id,
+                "owned": self.leases.owned(), **self.space,
                 "provisioned_bytes": sum(v["provisioned"] for v in vols),
                 "allocated_bytes": sum(v["allocated"] for v in vols),
-                "volumes": vols, "jobs": [j.as_dict() for j in self.jobs.values()]}
+                "volumes": vols, "jobs": [j.as_dict() for j in self.jobs.values()] + [
+                    {"volume": vid, "job": "resuming an interrupted merge", "progress": 0.0,
+                     "started": time.time()} for vid in sorted(self.resuming - set(self.jobs))]}
 
     async def check_space(self) -> None:
         """Read the share's free space; warn once when it drops below ``space_warn`` percent."""
@@ -728,6 +1064,57 @@ class VolumeService:
                      self.space_warn)
         self.space_low = low
 
+    async def watch_share(self, interval: float = REFRESH) -> None:
+        """Notice what other daemons changed (the share's change counter), read again the
+        chains of volumes followed here, and check that the leases held are still ours."""
+        while True:
+            with move_on_after(max(interval, STATUS_WAIT)):
+                try:
+                    await self._look_again()
+                except SnapfsError as exc:
+                    log.warning("share %s: looking for changes failed: %s", self.share.root,
+                                exc.message)
+            await sleep(interval)
+
+    async def _look_again(self) -> None:
+        now = time.monotonic()
+        for vid in self.leases.owned():
+            sem = self.locks.get(vid)
+            if (vid not in self.volumes and vid not in self.jobs and vid not in self.resuming
+                    and (sem is None or sem.value) and now - self.used.get(vid, 0) > LEASE_IDLE):
+                self.leases.disown(vid)  # unused here for a while: one descriptor fewer
+        for vid in await self._blocking("locking", self.leases.lost):
+            await self._fence(vid)
+        gen = await self._blocking("reading", self.leases.share_gen)
+        if gen == self.seen_gen:
+            return
+        self.seen_gen = gen
+        changed: set[str] = set()
+        for vid, vol in list(self.volumes.items()):
+            if vol.writable:
+                continue
+            try:
+                if await self._follow(vol):
+                    changed.add(vid)
+            except SnapfsError as exc:
+                changed.add(vid)
+                log.warning("volume %s: following its owner failed: %s", vid, exc.message)
+        if self.on_change is not None:
+            await self.on_change(changed)
+
+    async def _fence(self, vid: str) -> None:
+        """The share dropped a lease we held (this host was cut off longer than the
+        server's lease time): another daemon may own the volume now.  Write nothing more."""
+        msg = "lost its lease on the share (cut off for too long); follows its owner now"
+        log.error("volume %s %s", vid, msg)
+        self.failed[vid] = f"volume {msg}"
+        self.leases.disown(vid)
+        vol = self.volumes.get(vid)
+        if vol is not None:
+            vol.writable = False
+            for img in vol.images:
+                img.writable = False
+
     async def watch_space(self, interval: float = SPACE_INTERVAL) -> None:
         while True:
             with move_on_after(interval):
@@ -738,31 +1125,56 @@ class VolumeService:
 
     async def recover(self) -> None:
         """Finish or roll back what a crash interrupted (intents), drop temporary files and
-        records of volumes whose creation never completed."""
+        records of volumes whose creation never completed.  Volumes another live daemon
+        owns are left to it."""
         await self._blocking("cleaning", self.share.clean_tmp)
-        await self._blocking("cleaning", self._drop_orphan_records)
-        for vid in await self._blocking("listing", self.share.intents):
+        pending = await self._blocking("listing", self.share.intents)
+        for vid in await self._blocking("listing", self.share.record_ids):
+            if vid not in pending:
+                await self._drop_if_orphan(vid)
+        for vid in pending:
             try:
-                await self._recover_volume(vid)
+                await self._acquire(vid)  # taking the lease finishes the intent
+            except Moved:
+                continue
             except SnapfsError as exc:
                 self.failed[vid] = f"recovery failed: {exc.message}"
                 log.error("volume %s: recovery failed: %s", vid, exc.message)
+                continue
+            self._release(vid)
 
-    def _drop_orphan_records(self) -> None:
-        pending = set(self.share.intents())
-        for vid in self.share.record_ids():
-            if vid not in pending and not self.share.exists(base_name(vid)):
-                log.info("dropping the record of volume %s, whose creation never completed", vid)
-                self.share.remove_record(vid)
-
-    async def _recover_volume(self, vid: str) -> None:
-        intent = await self._blocking("reading", self.share.read_intent, vid)
-        if not intent:
+    async def _drop_if_orphan(self, vid: str) -> None:
+        if await self._blocking("reading", self.share.exists, base_name(vid)):
             return
+        try:
+            await self._acquire(vid)
+        except Moved:
+            return  # being created by its owner right now
+        try:
+            if not await self._blocking("reading", self.share.exists, base_name(vid)):
+                log.info("dropping the record of volume %s, whose creation never completed",
+                         vid)
+                await self._blocking("cleaning", self.share.remove_record, vid)
+        finally:
+            self._release(vid)
+
+    async def _recover_intent(self, vid: str, intent: dict) -> None:
+        """Finish what an intent records; called by the new owner, with the lease held.
+        A merge goes on in the background."""
         op = intent.get("op")
         log.info("volume %s: recovering interrupted %s", vid, op)
+        try:
+            await self._finish_intent(vid, intent)
+        except SnapfsError as exc:
+            self.failed[vid] = f"recovery failed: {exc.message}"
+            log.error("volume %s: recovery failed: %s", vid, exc.message)
+            raise
+
+    async def _finish_intent(self, vid: str, intent: dict) -> None:
+        op = intent.get("op")
         if op == "delete-volume":
             await self._blocking("deleting", self._delete_files, vid)
+            await self._changed(vid)
             return
         if op == "create-snapshot":
             info = await self._blocking("reading", self.share.read_info, vid) or {}
@@ -780,26 +1192,50 @@ class VolumeService:
                                      {"op": "merge", "snapshot": sid, "file": name})
                 intent = {"op": "merge", "snapshot": sid, "file": name}
                 op = "merge"
+                await self._changed(vid)
             elif op == "clone":
                 await self._blocking("cleaning", self.share.clear_intent, vid)
                 return
-        if op == "merge" and intent.get("into") and await self._settle_stream_up(vid, intent):
+        if op == "merge":
+            if intent.get("into") and await self._settle_stream_up(vid, intent):
+                await self._changed(vid)
+                return
+            if vid not in self.resuming:
+                self.resuming.add(vid)
+                self.nursery.start_soon(self._resume_merge, vid, intent["file"])
             return
-        await self._acquire(vid)
-        try:
-            vol = await self.volume(vid)
-            if op == "merge":
-                await self._merge(vol, intent["file"], None)
-            elif op == "revert":
-                info = await self._blocking("reading", self.share.read_info, vid) or {}
-                if intent.get("snapshot") in info:
+        if op == "revert":
+            info = await self._blocking("reading", self.share.read_info, vid) or {}
+            if intent.get("snapshot") in info:
+                async with self.hold(vid) as vol:
                     await self._revert(vol, info[intent["snapshot"]])
-                await self._blocking("cleaning", self.share.clear_intent, vid)
-            else:
-                raise Corrupt(f"unknown intent {op!r}")
+                await self._changed(vid)
+            await self._blocking("cleaning", self.share.clear_intent, vid)
+            return
+        raise Corrupt(f"unknown intent {op!r}")
+
+    async def _resume_merge(self, vid: str, name: str) -> None:
+        """Go on with a merge an earlier owner began, as a background job."""
+        try:
+            try:
+                await self._acquire(vid)
+            except Moved:
+                return  # the volume moved on: its new owner resumes the merge
+            try:
+                intent = await self._blocking("reading", self.share.read_intent, vid) or {}
+                if intent.get("op") != "merge" or intent.get("file") != name:
+                    self._release(vid)
+                    return
+                vol = await self.volume(vid)
+            except BaseException:
+                self._release(vid)
+                raise
+            self._start_merge(vid, vol, name)
+        except SnapfsError as exc:
+            self.failed[vid] = f"recovery failed: {exc.message}"
+            log.error("volume %s: resuming the merge of %s failed: %s", vid, name, exc.message)
         finally:
-            self._release(vid)
-            await self.release(vid)
+            self.resuming.discard(vid)
 
     async def _settle_stream_up(self, vid: str, intent: dict) -> bool:
         """Finish the renaming steps of an interrupted stream-up merge, before the chain is

@@ -3,6 +3,11 @@ that snapshots, merges and reverts make while guest I/O goes on.
 
 Guest reads and writes pass the volume's ``gate`` shared; a switch of the active image takes it
 exclusively for milliseconds.  Operations that change the chain hold ``lock`` (one at a time).
+
+A volume is open either as its owner (``writable``: this daemon writes the active image) or as
+a follower of the daemon that owns it on another host: then every image is read-only, and the
+active image's tables, which the owner keeps changing, are read again from the share at each
+open of the volume and at most ``FOLLOW_REFRESH`` seconds after the last time.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.resolve import FlatMap
-from snapfs.errors import Corrupt, Invalid, NotFound, PastEnd, SnapfsError
-from snapfs.io import Gate, Lock, run_blocking
+from snapfs.errors import (Corrupt, Invalid, NotFound, NotOwner, PastEnd, ShareIOError,
+                           SnapfsError)
+from snapfs.io import Gate, Lock, Replaced, run_blocking
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 4 << 20
+FOLLOW_REFRESH = 1.0  # seconds a follower trusts the active image's tables it has read
 FAULT_HOLD = 60.0  # seconds a volume shows "failed" after its last share fault
 STREAM_CHUNK = 1 << 20  # written under the gate when streaming into the active image
 
@@ -45,6 +52,10 @@ class Volume:
         self.fault: tuple[str, float] | None = None  # last share fault: (reason, monotonic)
         self.allocated = 0  # bytes on the share, as last measured (status)
         self._faults = FaultLog(vid)
+        self.writable = True  # False: a follower of the daemon that owns the volume
+        self.gen = 0  # the volume's change counter (leases) when its chain was read
+        self.fresh_at = 0.0  # when a follower last read the active image's tables
+        self.reload = None  # async callable: a follower reads its chain again (the service)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -53,8 +64,8 @@ class Volume:
         if not is_chain_name(self.vid, backing_name):
             raise Corrupt(f"{image_name} backs onto {backing_name!r}, a file of another volume")
 
-    async def open(self, active: str, active_format: str) -> None:
-        top = await open_chain(self.share.path(active), active_format, writable=True,
+    async def open(self, active: str, active_format: str, writable: bool = True) -> None:
+        top = await open_chain(self.share.path(active), active_format, writable=writable,
                                allow_backing=self.allow_backing)
         chain = []
         img = top
@@ -66,6 +77,9 @@ class Volume:
             await top.close()
             raise Corrupt(f"the chain of volume {self.vid} does not end at its base file")
         self.images = chain
+        self.writable = writable
+        self.fresh_at = time.monotonic()
+        self.mirror = None
         self._remap()
 
     def _remap(self) -> None:
@@ -87,6 +101,8 @@ class Volume:
 
     @property
     def top(self) -> Image:
+        if not self.images:
+            raise ShareIOError(f"volume {self.vid} could not be opened again; see the log")
         return self.images[-1]
 
     @property
@@ -112,7 +128,33 @@ class Volume:
 
     # -- guest I/O -------------------------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """A follower: read the active image's header and tables again (what the owner has
+        made durable since), as an NFS client revalidates a file at open."""
+        if self.writable or not self.images:
+            return
+        self.fresh_at = time.monotonic()
+        await self.top.revalidate()
+
     async def read(self, offset: int, length: int) -> bytes:
+        if self.writable:
+            return await self._read(offset, length)
+        try:
+            if time.monotonic() - self.fresh_at > FOLLOW_REFRESH:
+                await self.refresh()
+            return await self._read(offset, length)
+        except Replaced:
+            await self._reread_chain()
+            return await self._read(offset, length)
+
+    async def _reread_chain(self) -> None:
+        """A follower whose files another host replaced (a merge): open the chain again."""
+        if self.reload is None:
+            raise ShareIOError(f"volume {self.vid}: the chain changed under a reader")
+        log.info("volume %s: its chain changed on another host; reading it again", self.vid)
+        await self.reload()
+
+    async def _read(self, offset: int, length: int) -> bytes:
         try:
             async with self.gate.shared():
                 top = self.top
@@ -127,6 +169,15 @@ class Volume:
     async def read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
         """Read a snapshot's point-in-time content (what its overlay backs onto)."""
         try:
+            return await self._read_snapshot(sid, offset, length)
+        except Replaced:
+            if self.writable:
+                raise
+            await self._reread_chain()
+            return await self._read_snapshot(sid, offset, length)
+
+    async def _read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
+        try:
             async with self.gate.shared():
                 name = self.snap_files.get(sid)
                 if name is None:
@@ -140,9 +191,14 @@ class Volume:
             self._io_failed("read", exc)
             raise
 
+    def _owner_only(self) -> None:
+        if not self.writable:
+            raise NotOwner(f"volume {self.vid} is owned by another daemon")
+
     async def write(self, offset: int, data) -> None:
         try:
             async with self.gate.shared():
+                self._owner_only()
                 top = self.top
                 if offset + len(data) > top.size:
                     raise PastEnd("write past the end of the volume")
@@ -156,6 +212,7 @@ class Volume:
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         try:
             async with self.gate.shared():
+                self._owner_only()
                 top = self.top
                 if offset + length > top.size:
                     raise PastEnd("write past the end of the volume")
@@ -169,6 +226,8 @@ class Volume:
     async def flush(self) -> None:
         try:
             async with self.gate.shared():
+                if not self.writable:
+                    return  # a follower holds nothing unwritten
                 await self.top.flush()
         except SnapfsError as exc:
             self._io_failed("flush", exc)
@@ -176,10 +235,13 @@ class Volume:
 
     async def resize(self, size: int) -> None:
         async with self.gate.shared():
+            self._owner_only()
             await self.top.resize(size)
 
     def _io_failed(self, what: str, exc: SnapfsError) -> None:
         """Guest I/O failures caused by the share: remembered for status, logged once."""
+        if isinstance(exc, NotOwner):
+            return
         if exc.errno == errno.EIO:
             self.fault = (f"{what} failed: {exc.message}", time.monotonic())
         if exc.errno in (errno.EIO, errno.ENOSPC) and not isinstance(exc, PastEnd):

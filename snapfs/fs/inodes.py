@@ -41,6 +41,9 @@ class InodeTable:
         """The inode number of ``key`` if the kernel may have seen it."""
         return self._by_key.get(key)
 
+    def items(self) -> list[tuple[tuple, int]]:
+        return list(self._by_key.items())
+
     def key(self, ino: int) -> tuple | None:
         return self._by_ino.get(ino)
 

@@ -105,6 +105,7 @@ class Operations(pyfuse3.Operations):
         self.requests: dict[str, int] = {}  # request file name -> open descriptors
         self.request_owner: dict[str, tuple[int, int]] = {}
         self.started = time.time()
+        svc.on_change = self.others_changed
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -128,7 +129,7 @@ class Operations(pyfuse3.Operations):
         return self._attr(inode, stat.S_IFDIR | mode, nlink=2, gid=gid)
 
     async def _volume_attr(self, vid: str) -> pyfuse3.EntryAttributes:
-        async with self.svc.hold(vid) as vol:
+        async with self.svc.hold(vid, own=False) as vol:
             owner = await self.svc.volume_attrs(vid)
             st = await vol.top.f.stat()
             blocks = await _chain_blocks(vol.top)
@@ -141,7 +142,7 @@ class Operations(pyfuse3.Operations):
                           mtime=st.st_mtime, blocks=blocks)
 
     async def _snapshot_attr(self, vid: str, sid: str) -> pyfuse3.EntryAttributes:
-        async with self.svc.hold(vid) as vol:
+        async with self.svc.hold(vid, own=False) as vol:
             name = vol.snap_files.get(sid)
             if name is None:
                 raise NotFound(f"volume {vid} has no snapshot {sid}")
@@ -224,7 +225,7 @@ class Operations(pyfuse3.Operations):
         key = self.inodes.key(parent)
         if key and key[0] == "sdir":
             sid = name.decode(errors="replace")
-            async with self.svc.hold(key[1]) as vol:
+            async with self.svc.hold(key[1], own=False) as vol:
                 if sid in vol.snap_files:
                     return self.inodes.ino(("snap", key[1], sid))
         return None
@@ -252,7 +253,7 @@ class Operations(pyfuse3.Operations):
             return [(n.encode(), self.inodes.ino(("req", n))) for n in sorted(self.requests)]
         key = self.inodes.key(inode)
         if key and key[0] == "sdir":
-            async with self.svc.hold(key[1]) as vol:
+            async with self.svc.hold(key[1], own=False) as vol:
                 return [(sid.encode(), self.inodes.ino(("snap", key[1], sid)))
                         for sid in vol.snap_files]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -300,13 +301,13 @@ class Operations(pyfuse3.Operations):
             if writable:
                 raise pyfuse3.FUSEError(errno.EROFS)
             await self._snapshot_attr(key[1], key[2])
-            vol = await self.svc.volume(key[1])
+            vol = await self.svc.opened(key[1])
             vol.users += 1
             return self._new_handle(Handle("snap", key, inode=inode))
         if key[0] == "vol":
             if writable and self.opts.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            vol = await self.svc.volume(key[1])
+            vol = await self.svc.opened(key[1])
             vol.users += 1
             return self._new_handle(Handle("vol", key, writable, inode=inode))
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -368,8 +369,7 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self._handle(fh)
         if h.kind == "vol":
-            vol = await self.svc.volume(h.key[1])
-            await vol.write(off, buf)
+            await self.svc.guest_write(h.key[1], off, buf)
             return len(buf)
         if h.kind == "ctl":
             return await self._control(h, buf)
@@ -409,13 +409,14 @@ class Operations(pyfuse3.Operations):
                                     or fields.update_uid or fields.update_gid):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size:
-            async with self.svc.hold(vid) as vol:
+            async with self.svc.hold(vid, own=False) as vol:
                 current = vol.size
             if attr.st_size < current:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             if attr.st_size > current:
                 size = -(-attr.st_size // 512) * 512
-                await self.svc.extend_volume(vid, size)
+                await self.svc.handle({"op": "extend-volume", "volume": vid, "size": size},
+                                      internal=True)
         changes = {}
         if fields.update_mode:
             changes["mode"] = stat.S_IMODE(attr.st_mode)
@@ -435,7 +436,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if self.opts.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            await self.svc.delete_volume(vid)
+            await self.svc.handle({"op": "delete-volume", "volume": vid}, internal=True)
             self.inodes.drop(("vol", vid))
             return
         raise pyfuse3.FUSEError(errno.EPERM)
@@ -507,6 +508,28 @@ class Operations(pyfuse3.Operations):
                                   str(request.get("snapshot")).encode())
         elif op == "delete-volume":
             await _invalidate(pyfuse3.invalidate_entry, ino.ROOT, f"{PREFIX}{vid}".encode())
+
+    async def others_changed(self, vids: set[str]) -> None:
+        """Another daemon changed the share: drop what the kernel caches of what it changed
+        (attributes of every volume and snapshot it knows, the data of ``vids``, and the
+        names of what is gone)."""
+        for key, inode in self.inodes.items():
+            if key[0] == "vol":
+                if await self.svc.exists(key[1]):
+                    await _invalidate(pyfuse3.invalidate_inode, inode, key[1] not in vids)
+                else:
+                    await _invalidate(pyfuse3.invalidate_entry, ino.ROOT,
+                                      f"{PREFIX}{key[1]}".encode())
+            elif key[0] == "sdir" and not await self.svc.exists(key[1]):
+                await _invalidate(pyfuse3.invalidate_entry, ino.SNAPSHOTS,
+                                  f"{PREFIX}{key[1]}".encode())
+            elif key[0] == "snap":
+                vol = self.svc.volumes.get(key[1])
+                sdir = self.inodes.known(("sdir", key[1]))
+                if vol is not None and key[2] in vol.snap_files:
+                    await _invalidate(pyfuse3.invalidate_inode, inode, True)
+                elif sdir is not None:
+                    await _invalidate(pyfuse3.invalidate_entry, sdir, key[2].encode())
 
     # -- status ----------------------------------------------------------------------------
 

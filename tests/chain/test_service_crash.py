@@ -50,6 +50,7 @@ import trio
 from snapfs.chain.resolve import resolve
 from snapfs.chain.service import VolumeService
 from tests import qemu
+from tests.sharefiles import tmp_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SNAPFS_CRASH_SEED", "20241125"))
@@ -275,7 +276,7 @@ async def recover_and_describe(root: Path, touched: set[str]) -> dict:
     async with svc.running():
         await svc.wait_idle()
         for leftover in ("tmp", "intents"):
-            left = os.listdir(root / ".snapfs" / leftover)
+            left = tmp_files(root) if leftover == "tmp" else os.listdir(root / ".snapfs" / leftover)
             if left:
                 problems.append(f".snapfs/{leftover} holds {left} after recovery")
         vids = (await svc.handle({"op": "list"}))["volumes"]

@@ -9,7 +9,8 @@ Every case runs on a fresh copy of one prepared share:
 
 A refused request must raise ``SnapfsError`` with the contract's errno (``.errno`` and
 ``.errno_name``) and a one-line message, and leave every file under the share -- ``.snapfs/``
-included, lock files under ``.snapfs/locks`` excepted -- byte for byte as it was (names, types
+included, the lease files under ``.snapfs/owners`` and ``.snapfs/hosts`` excepted (they say
+which daemon serves a volume, not what the volume holds) -- byte for byte as it was (names, types
 and sha256).  The requests that the contract makes idempotent successes (``create-volume``
 again with the same size and format, ``create-snapshot`` again, ``delete-snapshot`` of a
 missing snapshot, ``delete-volume`` of a missing volume, ``extend-volume`` to the same size)
@@ -91,11 +92,12 @@ def share(template: Path, tmp_path: Path) -> Path:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    """Every file and directory under the share with its sha256 (lock files left out)."""
+    """Every file and directory under the share with its sha256 (lease files left out)."""
     out = {}
+    leases = {os.path.join(".snapfs", d) for d in ("owners", "hosts")}
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
-        if rel == os.path.join(".snapfs", "locks"):
+        if rel in leases:
             continue
         for d in dirnames:
             out[os.path.normpath(os.path.join(rel, d))] = "dir"
@@ -103,7 +105,8 @@ def fingerprint(root: Path) -> dict[str, str]:
             p = os.path.join(dirpath, n)
             with open(p, "rb") as f:
                 out[os.path.normpath(os.path.join(rel, n))] = hashlib.sha256(f.read()).hexdigest()
-    out.pop(os.path.join(".snapfs", "locks"), None)
+    for d in leases:
+        out.pop(d, None)
     return out
 
 

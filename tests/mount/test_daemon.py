@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from snapfs.chain.leases import default_host_id
 from snapfs.ctl import Client, ControlError
 from tests import qemu
 from tests.mount.conftest import REPO, start
@@ -22,6 +23,7 @@ from tests.mount.workload import (BLOCK, MiB, Writer, assert_same, check_share,
                                   compare_with_share, first_difference, is_mounted,
                                   lazy_unmount, point_in_time, read_file, scattered, status,
                                   tick, wait_jobs)
+from tests.sharefiles import tmp_files
 
 HELPER = os.path.join(REPO, "scripts", "mount.snapfs")
 
@@ -48,7 +50,8 @@ def one_line(stderr: str) -> str:
 
 
 def lease_pid(share) -> int:
-    with open(os.path.join(str(share), ".snapfs", "lease.json")) as f:
+    """The pid of the daemon serving ``share`` (the only one, with the default host id)."""
+    with open(os.path.join(str(share), ".snapfs", "hosts", f"{default_host_id()}.lease")) as f:
         return json.load(f)["pid"]
 
 
@@ -398,7 +401,7 @@ def recover_and_check(d: Daemon, vids, formats) -> None:
         with Client(m.mnt) as c:
             info = c.request("info", volume=vid)
         assert info["state"] == "ok", info["reason"]
-    assert not os.listdir(d.share / ".snapfs" / "tmp")
+    assert not tmp_files(d.share)
 
 
 def chain_files(share, vid) -> set:
@@ -476,10 +479,10 @@ def kill_during(d: Daemon, req: Request, when) -> int:
             return False
 
     def big_enough(prefix, size):
-        for n in os.listdir(tmp):
-            if n.startswith(prefix):
+        for d, _, names in os.walk(tmp):
+            for n in names:
                 try:
-                    if os.path.getsize(tmp / n) >= size:
+                    if n.startswith(prefix) and os.path.getsize(os.path.join(d, n)) >= size:
                         return True
                 except OSError:
                     pass
@@ -718,7 +721,7 @@ def test_kill9_during_clone(daemon, live, when):
     else:  # nothing of the clone is left
         assert not os.path.exists(daemon.share / "volume-dst")
         assert not chain_files(daemon.share, "dst")
-        assert not os.listdir(daemon.share / ".snapfs" / "tmp")
+        assert not tmp_files(daemon.share)
         assert not os.path.exists(daemon.share / ".snapfs" / "volumes" / "dst.json"), \
             "a format record of the volume the crashed clone never made is left on the share"
     # Cinder retries the clone

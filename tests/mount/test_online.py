@@ -19,6 +19,7 @@ from tests.mount.workload import (BLOCK, MiB, Writer, assert_same, backing_of, c
                                   compare_with_share, expected_volume, point_in_time,
                                   read_file, scattered, slot_of, status, tick, timed_request,
                                   wait_jobs)
+from tests.sharefiles import tmp_files
 
 
 def snap_path(m, vid, sid):
@@ -467,7 +468,6 @@ def test_short_requests_do_not_wait_behind_a_long_clone(mounted):
         finally:
             os.close(fd)
 
-    tmp_dir = mounted.share_path(".snapfs", "tmp")
     target = mounted.share_path("volume-copy")
     events = []
     result = {}
@@ -486,7 +486,7 @@ def test_short_requests_do_not_wait_behind_a_long_clone(mounted):
         t.start()
         try:
             # the clone is copying once its temporary file is on the share
-            while not any(n.startswith("volume-copy.") for n in os.listdir(tmp_dir)):
+            while not any(n.startswith("volume-copy.") for n in tmp_files(mounted.share)):
                 assert t.is_alive() and not os.path.exists(target), \
                     "the clone finished before its copy was seen: make it bigger"
                 time.sleep(0.001)
@@ -496,7 +496,7 @@ def test_short_requests_do_not_wait_behind_a_long_clone(mounted):
                              ("info", {"volume": "big"}), ("list", {"unmanaged": True})):
                 sent, replied, res = timed_request(c2, op, **args)
                 still_copying = not os.path.exists(target) and any(
-                    n.startswith("volume-copy.") for n in os.listdir(tmp_dir))
+                    n.startswith("volume-copy.") for n in tmp_files(mounted.share))
                 short.append((op, args, sent, replied, still_copying))
                 if op == "list" and not args:
                     assert "big" in res["volumes"] and "copy" not in res["volumes"]
