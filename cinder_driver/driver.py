@@ -27,9 +27,11 @@ Connection type: ``gpfs``
 - os-brick (Cinder's own attaches for image copy, backup, migration) maps ``gpfs`` to
   ``GPFSConnector``, a ``LocalConnector`` returning ``device_path`` unchanged.
 
-Consequence: single-host attach only, until snapfs supports many hosts (its own issue). The
-path exists where this driver mounted snapfs, so cinder-volume, cinder-backup and nova-compute
-must run on the host that holds the mount. Online extend: snapfs grows a volume while it is
+Many hosts: the path must exist on the compute host too. Every compute host mounts the same
+shares with snapfs at the same place (``snapfs attach-mounts --base <snapfs_mount_point_base>
+--shares-config <snapfs_shares_config>``, see ``snapfs.attach``); the daemons of all hosts
+share each share safely (one owner per volume at a time, requests for a volume go to its
+owner, a guest write moves ownership to the writing host). Online extend: snapfs grows a volume while it is
 open (the stats say ``online_extend_support``); Nova's GPFS volume driver has no
 ``extend_volume``, so a running guest sees the new size only after a re-attach or a
 ``virsh blockresize`` (see README.md next to this file).
@@ -38,7 +40,6 @@ open (the stats say ``online_extend_support``); Nova's GPFS volume driver has no
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -61,14 +62,13 @@ from cinder import utils
 from cinder.volume import driver
 from cinder.volume import volume_utils
 from cinder_driver import options
-from snapfs import ctl
+from snapfs import attach, ctl
 
 LOG = logging.getLogger(__name__)
 
 VERSION = '1.0.0'
 PREFIX = 'volume-'
 SNAPSHOTS = '.snapshots'
-SHARE_FORMAT_REGEX = re.compile(r'.+:/.+')
 
 
 def _control(mountpoint: str, op: str, args: dict) -> dict:
@@ -176,27 +176,15 @@ class SnapfsDriver(driver.VolumeDriver):
         if not path or not os.path.exists(path):
             raise exception.VolumeDriverException(message=_(
                 'snapfs shares config %s does not exist (snapfs_shares_config).') % path)
-        shares = {}
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith('#'):
-                    continue
-                address, _sep, flags = line.partition(' ')
-                address = address.replace('\\040', ' ')
-                if not (os.path.isabs(address) or SHARE_FORMAT_REGEX.match(address)):
-                    LOG.error('Share %s ignored: it must be host:/export or an absolute '
-                              'local path.', address)
-                    continue
-                shares[address] = flags.strip() or None
+        shares = attach.read_shares(path, on_bad=lambda address: LOG.error(
+            'Share %s ignored: it must be host:/export or an absolute local path.', address))
         LOG.debug('snapfs shares loaded: %s', shares)
         return shares
 
     # -- mounts -----------------------------------------------------------------------------
 
     def _mount_point(self, share: str) -> str:
-        digest = hashlib.md5(share.encode('utf-8'), usedforsecurity=False).hexdigest()
-        return os.path.join(self.base, digest)
+        return attach.mount_point(self.base, share)
 
     def _nfs_client(self):
         if self._nfs is None:

@@ -19,8 +19,9 @@ snapfs_opts = [
                default='$state_path/mnt-snapfs',
                help='Directory holding the snapfs mounts (<base>/<md5 of the share>) '
                     'and, under <base>/.shares/, the NFS mounts of the exports beneath '
-                    'them. Nova reaches volumes through these paths: single-host '
-                    'attach only until snapfs supports many hosts.'),
+                    'them. Nova reaches volumes through these paths: use the same '
+                    'directory on every compute host, mounted there with "snapfs '
+                    'attach-mounts".'),
     cfg.StrOpt('snapfs_mount_options',
                default='allow_other',
                help='Options for mount.snapfs (-o), comma separated. allow_other lets '

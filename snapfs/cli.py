@@ -16,6 +16,7 @@ from snapfs.chain.check import check_image
 from snapfs.chain.extent import zeros
 from snapfs.chain.image import probe_format
 from snapfs.errors import SnapfsError, from_oserror
+from snapfs.io import run_blocking
 
 CHUNK = 8 << 20
 
@@ -122,9 +123,12 @@ def ctl(mountpoint: str, op: str, pairs: list[str]) -> int:
 
 
 async def share_info(share: str, volume: str | None) -> int:
-    """Volumes, chains, snapshots and space, read offline from the share."""
+    """Volumes, chains, snapshots and space, read offline from the share, with the daemons
+    serving it and which of them owns each volume (leases are read, never taken)."""
+    from snapfs.chain.leases import survey
     from snapfs.chain.service import VolumeService
-    svc = VolumeService(share)
+    svc = VolumeService(share, offline=True)
+    leases = await run_blocking(False, "reading leases", survey, svc.share.meta)
     vids = [volume] if volume else (await svc.list())["volumes"]
     out = []
     for vid in vids:
@@ -132,17 +136,45 @@ async def share_info(share: str, volume: str | None) -> int:
             info = await svc.info(vid)
             status = await svc.volume_status(vid)
             info["allocated"] = status["allocated"]
-            out.append(info)
         except SnapfsError as exc:
-            out.append({"volume": vid, "state": "failed", "reason": exc.message})
+            info = {"volume": vid, "state": "failed", "reason": exc.message}
+        lease = leases["owners"].get(vid, {})
+        info["owner"], info["owner_since"] = lease.get("owner"), lease.get("since")
+        out.append(info)
         await svc.release(vid)
     st = os.statvfs(share)
     print(json.dumps({"share": os.path.abspath(share), "free_bytes": st.f_bavail * st.f_frsize,
                       "total_bytes": st.f_blocks * st.f_frsize,
                       "provisioned_bytes": sum(v.get("size", 0) for v in out),
                       "allocated_bytes": sum(v.get("allocated", 0) for v in out),
-                      "volumes": out}, indent=1))
+                      "daemons": leases["hosts"], "volumes": out}, indent=1))
     return 0
+
+
+def attach_mounts(args) -> int:
+    """Mount every share at its place under the driver's base directory (idempotent)."""
+    from snapfs import attach
+    shares: dict[str, str | None] = {}
+    try:
+        if args.shares_config:
+            shares.update(attach.read_shares(args.shares_config))
+    except (OSError, ValueError) as exc:
+        print(f"snapfs attach-mounts: {args.shares_config}: {exc}", file=sys.stderr)
+        return 1
+    shares.update({s: shares.get(s) for s in args.shares})
+    if not shares:
+        print("snapfs attach-mounts: no share given", file=sys.stderr)
+        return 1
+    options = args.options + (f",host_id={args.host_id}" if args.host_id else "")
+    failed = 0
+    for share, flags in shares.items():
+        try:
+            mnt = attach.ensure_mounted(share, args.base, nfs_flags=flags, options=options)
+            print(f"{share} {mnt}")
+        except (OSError, RuntimeError) as exc:
+            print(f"snapfs attach-mounts: {share}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("op")
     p.add_argument("args", nargs="*", metavar="key=value")
+    p = sub.add_parser("attach-mounts", help="mount shares where the Cinder driver's "
+                       "connections point (run on every compute host)")
+    p.add_argument("--base", required=True,
+                   help="the driver's snapfs_mount_point_base (the same on every host)")
+    p.add_argument("--shares-config", help="the driver's shares file")
+    p.add_argument("-o", dest="options", default="allow_other",
+                   help="mount.snapfs options (default: allow_other)")
+    p.add_argument("--host-id", help="this host's name on the shares (default: host name)")
+    p.add_argument("shares", nargs="*", help="host:/export or a local path")
     p = sub.add_parser("info", help="volumes, chains and snapshots of a share, read offline")
     p.add_argument("share")
     p.add_argument("volume", nargs="?")
@@ -171,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "ctl":
             return ctl(args.mountpoint, args.op, args.args)
+        if args.cmd == "attach-mounts":
+            return attach_mounts(args)
         if args.cmd == "info":
             return trio.run(share_info, args.share, args.volume)
         if args.cmd == "convert":

@@ -1,9 +1,12 @@
 """Connections through the real os-brick connector, Cinder's own attach paths (image copy,
 backup, restore) and image transfers through the raw files in the mount."""
 
+import json
 import mmap
 import os
 import subprocess
+import sys
+import time
 
 import pytest
 from os_brick.initiator import connector as brick_connector
@@ -12,8 +15,8 @@ from os_brick.initiator.connectors import gpfs as brick_gpfs
 from cinder import exception
 from cinder import utils as cinder_utils
 from cinder.volume import volume_utils
-from tests.cinder.conftest import (FakeImageService, GiB, MiB, pattern, read_at, same_content,
-                                   write_at)
+from tests.cinder.conftest import (FakeImageService, GiB, MiB, mount_point, pattern, read_at,
+                                   same_content, write_at)
 
 
 def expected_file(tmp, name, size, chunks) -> str:
@@ -167,3 +170,51 @@ def test_copy_volume_to_image(backend):
     assert '"format": "qcow2"' in info and '"virtual-size": %d' % GiB in info
     assert same_content(uploaded, want, 'qcow2', 'raw')
     drv.delete_volume(vol)
+
+
+def test_a_compute_host_attaches_while_the_cinder_host_snapshots(backend, tmp_path):
+    """The attach path of many hosts: the compute host mounts the share with `snapfs
+    attach-mounts` at the driver's layout, its guest writes the connection's file, and the
+    Cinder host's snapshots and clones (carried out by the compute host, the owner) hold
+    exactly what the guest had written."""
+    be, drv = backend, backend.driver
+    vol = be.create_volume(1)
+    conn = drv.initialize_connection(vol, {'host': 'compute1'})
+    rel = os.path.relpath(conn['data']['device_path'], str(be.base))
+    compute_base = tmp_path / 'compute'
+    argv = [sys.executable, '-m', 'snapfs.cli', 'attach-mounts', '--base', str(compute_base),
+            '--host-id', 'compute1', '-o', f'allow_other,log={tmp_path}/compute.log',
+            str(be.share)]
+    compute_mnt = mount_point(compute_base, be.share)
+    try:
+        for _ in range(2):  # idempotent: the second run finds the mount
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split() == [str(be.share), compute_mnt]
+        device = os.path.join(str(compute_base), rel)  # what Nova opens on the compute host
+        first = pattern(1, 4 * MiB)
+        write_at(device, 0, first)
+        with open(device, 'r+b') as f:
+            os.fsync(f.fileno())
+        with open(os.path.join(compute_mnt, '.snapfs', 'status')) as f:
+            assert vol.name_id in json.load(f)['owned']
+        snap = be.create_snapshot(vol)  # on the Cinder host, carried out by compute1
+        write_at(device, 0, pattern(2, 4 * MiB))
+        assert read_at(be.snapshot_path(snap), 0, 4 * MiB) == first
+        clone = be.volume(1)
+        clone.update(drv.create_volume_from_snapshot(clone, snap) or {})
+        assert read_at(be.path(clone), 0, 4 * MiB) == first
+        assert read_at(device, 0, 4 * MiB) == pattern(2, 4 * MiB)
+        drv.delete_snapshot(snap)  # merged by compute1 while it has the volume open
+        assert read_at(be.path(vol), 0, 4 * MiB) == pattern(2, 4 * MiB)
+    finally:
+        subprocess.run(['fusermount3', '-u', compute_mnt], capture_output=True)
+        for _ in range(100):
+            if fstype_of(compute_mnt) is None:
+                break
+            time.sleep(0.05)
+
+
+def fstype_of(path):
+    from snapfs.attach import fstype
+    return fstype(path)

@@ -19,7 +19,8 @@ def imports(path: pathlib.Path) -> set[str]:
 
 
 def files(sub: str) -> list[pathlib.Path]:
-    found = sorted((ROOT / sub).rglob("*.py"))
+    p = ROOT / sub
+    found = [p] if p.is_file() else sorted(p.rglob("*.py"))
     assert found, f"no sources under {sub}"
     return found
 
@@ -45,5 +46,13 @@ def test_fuse_layer_does_not_parse_qcow2():
 
 
 def test_driver_uses_only_the_control_protocol():
+    """The driver reaches snapfs through the control files and the mount layout that every
+    host shares (snapfs.attach), never through the engine."""
     assert offending("cinder_driver", lambda n: n.startswith("snapfs.")
-                     and not n.startswith("snapfs.ctl")) == []
+                     and not n.startswith(("snapfs.ctl", "snapfs.attach"))) == []
+
+
+def test_attach_helper_needs_no_engine():
+    """Compute hosts run snapfs.attach: plain mounts, no engine, no FUSE, no Cinder."""
+    assert offending("snapfs/attach.py", lambda n: n.startswith(("snapfs.", "cinder",
+                                                                  "pyfuse3", "trio"))) == []
