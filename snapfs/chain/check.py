@@ -325,7 +325,7 @@ async def _new_block(img: Qcow2Image, bi: int):
     from snapfs.chain.refcount import RefcountBlock
     blk = RefcountBlock(bytearray(img.cs), refs.bits, off)
     refs.blocks[bi] = blk
-    refs.table[bi] = off
+    refs.set_entry(bi, off)
     refs.table_dirty.add(bi)
     refs.dirty.add(bi)
     return blk

@@ -109,7 +109,18 @@ class Refcounts:
                 raise Corrupt(f"refcount table entry {i} has reserved bits set")
             if e and e & (self.cs - 1):
                 raise Corrupt(f"refcount block {i} offset 0x{e:x} is not cluster aligned")
-        self.table = list(entries)
+        # Kept up to its last block only: most tables are one cluster of zeros with a few
+        # entries in front, and hundreds of open images would each hold a 64 KiB list.
+        n = len(entries)
+        while n and not entries[n - 1]:
+            n -= 1
+        self.table = list(entries[:n])
+
+    def set_entry(self, bi: int, off: int) -> None:
+        """Point refcount table entry ``bi`` at a block (the list grows as needed)."""
+        if bi >= len(self.table):
+            self.table.extend([0] * (bi + 1 - len(self.table)))
+        self.table[bi] = off
 
     async def block(self, bi: int) -> RefcountBlock | None:
         blk = self.blocks.get(bi)
@@ -165,7 +176,7 @@ class Refcounts:
                 blk = RefcountBlock(bytearray(self.cs), self.bits, ci << self.cbits)
                 blk.set(i, 1)
                 self.blocks[bi] = blk
-                self.table[bi] = blk.offset
+                self.set_entry(bi, blk.offset)
                 self.dirty.add(bi)
                 self.table_dirty.add(bi)
                 self.end_cluster = max(self.end_cluster, ci + 1)

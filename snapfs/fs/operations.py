@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from snapfs import __version__
+from snapfs import __version__, heap
 from snapfs.chain.catalog import PREFIX, check_id
 from snapfs.chain.service import VolumeService
 from snapfs.ctl import MAX_REQUEST
@@ -344,6 +344,7 @@ class Operations(pyfuse3.Operations):
                 vol.users -= 1
                 if vol.users == 0:
                     await vol.flush()
+                    heap.trim()  # the end of a burst of I/O on this volume
         elif h.kind == "ctl" and h.key[0] == "req":
             left = self.requests.get(h.key[1], 0) - 1
             if left <= 0:
