@@ -756,6 +756,10 @@ class Qcow2Image:
         """Make every write so far durable and leave the image clean on disk."""
         if not self.writable or self.f.closed:
             return
+        if self.data_written and self._metadata_dirty():
+            # The bulk of the data first, with guest writes going on: the ordered syncs below,
+            # which hold the image's lock, then find little left to write.
+            await self.f.fdatasync()
         async with self.lock:
             await self._guard(self._flush())
 

@@ -728,16 +728,20 @@ class VolumeService:
                 intent["into"] = names[i - 1]
                 intent["child"] = names[i + 1] if i + 1 < len(names) else None
             await self._blocking("recording", self.share.write_intent, vid, intent)
-            if up:
-                log.info("volume %s: merging %s by streaming %s up", vid, name, names[i - 1])
-                await vol.stream_up(name, progress)
-            else:
-                log.info("volume %s: merging %s down into %s", vid, name, names[i - 1])
-                await vol.commit_down(name, progress)
-            if was_active:
+            async def record_active() -> None:
                 info = await self._blocking("reading", self.share.read_info, vid) or {}
                 info["active"] = vol.names()[-1]
                 await self._blocking("recording", self.share.write_info, vid, info)
+
+            if up:
+                log.info("volume %s: merging %s by streaming %s up", vid, name, names[i - 1])
+                await vol.stream_up(name, progress)
+                if was_active:
+                    await record_active()
+            else:
+                log.info("volume %s: merging %s down into %s", vid, name, names[i - 1])
+                await vol.commit_down(name, progress,
+                                      on_switch=record_active if was_active else None)
         await self._blocking("cleaning", self._finish_merge, vid, name)
         await self._changed(vid)
         if self.failed.get(vid, "").startswith(("merge of", "recovery failed")):

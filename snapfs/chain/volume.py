@@ -27,7 +27,7 @@ from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.resolve import FlatMap
 from snapfs.errors import (Corrupt, Invalid, NotFound, NotOwner, PastEnd, ShareIOError,
                            SnapfsError)
-from snapfs.io import Gate, Lock, Replaced, run_blocking
+from snapfs.io import Event, Gate, Lock, Replaced, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Volume:
         self.gen = 0  # the volume's change counter (leases) when its chain was read
         self.fresh_at = 0.0  # when a follower last read the active image's tables
         self.reload = None  # async callable: a follower reads its chain again (the service)
+        self.settling = None  # an Event while an active merge's switch is made durable
+        self.switch_failed: str | None = None  # ... and why that failed: flushes fail
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -224,7 +226,11 @@ class Volume:
             raise
 
     async def flush(self) -> None:
+        if self.settling is not None:
+            await self.settling.wait()  # a merge's switch is being made durable
         try:
+            if self.switch_failed:
+                raise ShareIOError(self.switch_failed)
             async with self.gate.shared():
                 if not self.writable:
                     return  # a follower holds nothing unwritten
@@ -292,11 +298,15 @@ class Volume:
             return
         freeze(top)
 
-    async def commit_down(self, name: str, on_progress=None) -> None:
+    async def commit_down(self, name: str, on_progress=None, on_switch=None) -> None:
         """Merge file ``name`` into the image below it and drop it from the chain.
 
         The data ``name`` holds is copied down while guest I/O continues; the image above it
-        (or the guest, if ``name`` is active) is then pointed at the image below."""
+        (or the guest, if ``name`` is active) is then pointed at the image below.  When
+        ``name`` is active, guest I/O pauses only for the last writes' copy and the switch;
+        ``on_switch`` (recording the new active file) runs after the lower image is durable,
+        and guest flushes wait for both: until then a crash would merge ``name`` down again
+        over writes made since, which is allowed only for writes no flush acknowledged."""
         i = self.names().index(name)
         if i == 0:
             raise Invalid("the base file cannot be merged down")
@@ -310,21 +320,18 @@ class Volume:
             if active:
                 self.mirror = []
             await copy_own_runs(upper, lower, None, on_progress)
-            if active:
-                # Copy what the guest wrote meanwhile, until little is left.
-                for _ in range(8):
-                    pending, self.mirror = self.mirror, []
-                    if sum(n for _, n in pending) < (256 << 10):
-                        self.mirror = pending + self.mirror
-                        break
-                    await copy_own_runs(upper, lower, pending, None)
-            # Durable before the switch, so that the guest waits only for the last few writes.
+            await self._catch_up(upper, lower)
+            # Durable before the switch, so that the guest waits only for the last few writes
+            # (those made during this flush are copied first: they are many on a busy guest).
             await lower.flush()
+            await self._catch_up(upper, lower)
             async with self.gate.exclusive():
                 if active:
                     pending, self.mirror = self.mirror or [], None
                     await copy_own_runs(upper, lower, pending, None)
-                await (lower.flush() if active else lower.finish_writing())
+                    self.settling = Event()
+                else:
+                    await lower.finish_writing()
                 if i + 1 < len(self.images):
                     child = self.images[i + 1]
                     await set_backing(child, lower)
@@ -335,6 +342,8 @@ class Volume:
                 if not active:
                     freeze(lower)
                 self._remap()
+            if active:
+                await self._settle_switch(lower, on_switch, name)
             upper.backing = None
             await upper.close()
         except BaseException:
@@ -344,6 +353,34 @@ class Volume:
                 await lower.close()
             raise
 
+
+    async def _catch_up(self, upper: Image, lower: Image) -> None:
+        """During an active merge: copy what the guest wrote meanwhile, until little is left
+        (or the guest keeps writing faster than this copies)."""
+        if self.mirror is None:
+            return
+        for _ in range(8):
+            pending, self.mirror = self.mirror, []
+            if sum(n for _, n in pending) < (256 << 10):
+                self.mirror = pending + self.mirror
+                return
+            await copy_own_runs(upper, lower, pending, None)
+
+    async def _settle_switch(self, lower: Image, on_switch, name: str) -> None:
+        """After an active commit's switch: make the new active image durable and record it;
+        guest flushes wait for this (``settling``) and fail if it fails."""
+        settling = self.settling
+        try:
+            await lower.flush()
+            if on_switch is not None:
+                await on_switch()
+        except SnapfsError as exc:
+            self.switch_failed = f"merging {name} could not be made durable: {exc.message}"
+            raise
+        finally:
+            self.settling = None
+            if settling is not None:
+                settling.set()
 
     async def merge_direction(self, name: str) -> str:
         """``"down"`` (commit ``name`` into the file below) or ``"up"`` (stream the file below
