@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from snapfs import heap
 from snapfs.chain.catalog import ID_RE
 
 log = logging.getLogger("snapfs.mount")
@@ -192,7 +191,6 @@ def serve(cfg: MountConfig, ready) -> int:
     # A worker thread whose share call returned waits for the GIL while the loop computes;
     # Python's default 5 ms switch interval made every threaded call cost milliseconds.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    heap.return_big_buffers()
     # Every open image and every volume lease is a descriptor: allow as many as the host does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
