@@ -31,6 +31,7 @@ open_nursery = trio.open_nursery
 CancelScope = trio.CancelScope
 move_on_after = trio.move_on_after
 current_task = trio.lowlevel.current_task
+WouldBlock = trio.WouldBlock
 
 #: File systems whose calls can wait on a network or another process.
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
@@ -223,8 +224,11 @@ class BlockFile:
                     os.close(self.fd)
 
     def _reopen(self, fd: int) -> None:
-        new = os.open(self.path, (os.O_RDWR if self.writable else os.O_RDONLY)
-                      | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            new = os.open(self.path, (os.O_RDWR if self.writable else os.O_RDONLY)
+                          | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise Replaced(f"{self.path} is gone (another host changed the chain)") from None
         try:
             if os.fstat(new).st_ino != self.ino:
                 raise Replaced(f"{self.path} was replaced by another file (another host "

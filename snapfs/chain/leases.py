@@ -95,13 +95,14 @@ class RecordFile:
         except OSError as exc:
             raise from_oserror(exc, f"reading {os.path.basename(self.path)}") from None
 
-    def update(self, change) -> dict:
-        """Read the record, let ``change(rec)`` edit it in place, write it back; returns it."""
+    def update(self, change, fresh: bool = False) -> dict:
+        """Read the record, let ``change(rec)`` edit it in place, write it back; returns it.
+        ``fresh``: start from an empty record (one that cannot be read is replaced)."""
         fd = self._open()
         try:
             wait_byte(fd, RECORD_BYTE)
             try:
-                rec = self._load(fd)
+                rec = {} if fresh else self._load(fd)
                 result = change(rec)
                 self._store(fd, rec)
                 return rec if result is None else result

@@ -17,8 +17,10 @@ import time
 import uuid
 
 from snapfs.chain.leases import RecordFile
+from snapfs.errors import Corrupt
 
 NEW, CLAIMED, DONE = "new", "claimed", "done"
+FORGET_AFTER = 3600.0  # seconds an uncollected answer stays
 
 
 def inbox_path(meta: str, host: str) -> str:
@@ -70,16 +72,25 @@ class Inbox:
     # -- the owner's side ------------------------------------------------------------------
 
     def claim(self) -> list[tuple[str, str, dict]]:
-        """Claim every new entry: ``[(id, sender, request)]``, to carry out now."""
+        """Claim every new entry: ``[(id, sender, request)]``, to carry out now.  Answers
+        nobody collected for an hour (their sender died) are dropped on the way."""
         def change(rec: dict) -> list:
             out = []
-            for rid, e in rec.items():
-                if isinstance(e, dict) and e.get("state") == NEW:
+            old = time.time() - FORGET_AFTER
+            for rid, e in list(rec.items()):
+                if not isinstance(e, dict) or (e.get("state") == DONE
+                                               and e.get("posted", 0) < old):
+                    del rec[rid]
+                elif e.get("state") == NEW:
                     e["state"] = CLAIMED
                     out.append((rid, str(e.get("from")), e.get("request")))
             return out
-        if not self._has_new():
-            return []
+        try:
+            if not self._has_new():
+                return []
+        except Corrupt:
+            self.file.update(lambda rec: rec.clear(), fresh=True)  # senders time out
+            raise
         return self.file.update(change)
 
     def _has_new(self) -> bool:

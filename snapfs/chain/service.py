@@ -33,8 +33,8 @@ from snapfs.chain.mailbox import Inbox
 from snapfs.chain.volume import Volume
 from snapfs.errors import (Busy, Corrupt, Exists, Invalid, Moved, NotFound, NotOwner,
                            ShareIOError, SnapfsError, from_reply)
-from snapfs.io import (CancelScope, Semaphore, current_task, move_on_after, open_nursery,
-                       run_blocking, sleep)
+from snapfs.io import (CancelScope, Semaphore, WouldBlock, current_task, move_on_after,
+                       open_nursery, run_blocking, sleep)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ REFRESH = 1.0  # seconds between looks at the share's change counter (what other
 INBOX_POLL = 0.1  # seconds between looks into this daemon's inbox
 CLAIM_WAIT = 10.0  # seconds a request waits for the owning daemon to take it up
 OWNER_WAIT = 120.0  # seconds a write waits for a volume's lease (above NFSv4's 90 s lease)
+FENCED = "volume lost its lease"  # the start of the reason a fenced volume shows
 LEASE_IDLE = 60.0  # seconds a lease is kept for a volume nobody here uses
+FOLLOW_TRIES = 5  # a follower's tries at a consistent view of a chain its owner changes
+HANDOVER_RECHECK = 0.25  # seconds between looks whether a handover request was answered
 MOVES = 5  # times a request follows a volume whose ownership keeps moving
 
 ARGS = {
@@ -120,6 +123,7 @@ class VolumeService:
         self.holders: dict[str, object] = {}  # the task holding each volume's lock
         self.jobs: dict[str, Job] = {}
         self.used: dict[str, float] = {}  # when each volume's lock was last let go
+        self.handing_over: set[str] = set()  # volumes another daemon is taking over
         self.resuming: set[str] = set()  # volumes whose unfinished merge is about to go on
         self.failed: dict[str, str] = {}
         self.nursery = None
@@ -204,7 +208,7 @@ class VolumeService:
         if self.leases.owns(vid):
             return
         deadline = time.monotonic() + OWNER_WAIT
-        asked = None
+        asked = None  # (host, its inbox, request id, when we last looked for its answer)
         try:
             while True:
                 if await self._blocking("locking", self.leases.try_own, vid):
@@ -214,12 +218,7 @@ class VolumeService:
                     continue  # let go between the two looks: try again
                 if not take_over:
                     raise Moved(vid, host)
-                if asked is None:
-                    log.info("volume %s: asking host %s to hand it over", vid, host)
-                    asked = (Inbox(self.share.meta, host), None)
-                    rid = await self._blocking("sending", asked[0].post, self.host_id,
-                                               {"op": "handover", "volume": vid})
-                    asked = (asked[0], rid)
+                asked = await self._ask_handover(vid, host, asked)
                 if time.monotonic() > deadline:
                     raise ShareIOError(f"volume {vid} is owned by host {host}, which did not "
                                        f"hand it over within {OWNER_WAIT:g} s")
@@ -227,24 +226,68 @@ class VolumeService:
         finally:
             if asked is not None:
                 with CancelScope(shield=True), contextlib.suppress(SnapfsError):
-                    await self._blocking("sending", asked[0].forget, asked[1])
-                asked[0].close()
+                    await self._blocking("sending", asked[1].forget, asked[2])
+                asked[1].close()
         log.info("volume %s: this daemon (host %s) owns it now", vid, self.host_id)
+        if self.failed.get(vid, "").startswith(FENCED):
+            del self.failed[vid]
         try:
             await self._took_over(vid)
         except BaseException:
-            self.leases.disown(vid)
+            with CancelScope(shield=True):
+                await self._disown(vid)
             raise
+
+    async def _ask_handover(self, vid: str, host: str, asked):
+        """Ask ``host`` to hand ``vid`` over: again when the owner changed, or when it
+        answered but took the volume back before we could take the lock."""
+        if asked is not None:
+            if asked[0] == host:
+                if time.monotonic() - asked[3] < HANDOVER_RECHECK:
+                    return asked
+                asked = (*asked[:3], time.monotonic())
+                reply = await self._blocking("reading", asked[1].collect, asked[2])
+                if reply is None:
+                    return asked  # not answered yet
+                if not reply.get("ok"):
+                    raise from_reply(reply.get("errno", "EIO"),
+                                     f"host {host} could not hand volume {vid} over: "
+                                     f"{reply.get('message')}")
+            else:
+                with contextlib.suppress(SnapfsError):
+                    await self._blocking("sending", asked[1].forget, asked[2])
+            asked[1].close()
+        log.info("volume %s: asking host %s to hand it over", vid, host)
+        inbox = Inbox(self.share.meta, host)
+        with CancelScope(shield=True):  # a request posted is a request we can withdraw
+            rid = await self._blocking("sending", inbox.post, self.host_id,
+                                       {"op": "handover", "volume": vid})
+        return (host, inbox, rid, time.monotonic())
+
+    async def _disown(self, vid: str) -> None:
+        """Drop a volume's lease (closing its file may wait on the share: not on the loop)."""
+        lease = self.leases.volumes.pop(vid, None)
+        if lease is not None:
+            lease.held = False
+            await self._blocking("unlocking", lease.close)
 
     async def _took_over(self, vid: str) -> None:
         """Just after taking a volume's lease: finish what its last owner left (a crash, or
         a merge paused by a handover), and stop following the volume if it is open here."""
         intent = await self._blocking("reading", self.share.read_intent, vid)
+        if intent and intent.get("op") == "merge" and intent.get("into"):
+            # The renaming steps of a stream-up first: the chain may name a renamed file.
+            if await self._settle_stream_up(vid, intent):
+                await self._changed(vid)
+                intent = None
+        vol = self.volumes.get(vid)
+        if vol is not None and not vol.writable and (intent or {}).get("op") != "delete-volume":
+            try:
+                await self._reload(vol, writable=True)
+            except SnapfsError as exc:
+                log.warning("volume %s: reopening it to write failed: %s", vid, exc.message)
         if intent:
             await self._recover_intent(vid, intent)
-        vol = self.volumes.get(vid)
-        if vol is not None and not vol.writable:
-            await self._reload(vol, writable=True)
 
     async def writable(self, vid: str) -> Volume:
         """The open volume, owned by this daemon so that a guest may write it."""
@@ -274,14 +317,23 @@ class VolumeService:
         """Let another daemon own ``volume``: pause its merge (the next owner resumes it),
         flush every acknowledged write, follow the volume from now on, drop the lease."""
         vid = check_id(volume, "volume")
-        job = self.jobs.get(vid)
-        if job is not None:
-            log.info("volume %s: pausing the %s for host %s", vid, job.what, sender)
-            job.scope.cancel()
-            while vid in self.jobs:
-                await sleep(0.01)
         sem = self.locks.setdefault(vid, Semaphore(1))
-        async with sem:
+        self.handing_over.add(vid)  # no merge starts meanwhile (_start_merge)
+        try:
+            while True:  # a job may hold the lock, or get it next: pause them as they come
+                job = self.jobs.get(vid)
+                if job is not None and not job.scope.cancel_called:
+                    log.info("volume %s: pausing the %s for host %s", vid, job.what, sender)
+                    job.scope.cancel()
+                try:
+                    sem.acquire_nowait()
+                    break
+                except WouldBlock:
+                    await sleep(0.01)
+        finally:
+            self.handing_over.discard(vid)
+        self.holders[vid] = current_task()
+        try:
             if not self.leases.owns(vid):
                 return {"volume": vid}
             vol = self.volumes.get(vid)
@@ -291,14 +343,17 @@ class VolumeService:
                 else:
                     del self.volumes[vid]
                     await vol.close()
-            self.leases.disown(vid)
+            await self._disown(vid)
             log.info("volume %s: handed over to host %s", vid, sender)
             return {"volume": vid}
+        finally:
+            self._release(vid)
 
     async def _changed(self, vid: str | None) -> None:
         """Tell the other daemons that ``vid`` (or the set of volumes) changed."""
         try:
-            self.seen_gen = await self._blocking("recording", self.leases.changed, vid)
+            # seen_gen stays: another daemon's change may lie between it and ours.
+            await self._blocking("recording", self.leases.changed, vid)
         except SnapfsError as exc:
             log.error("share %s: recording a change failed: %s", self.share.root, exc.message)
         vol = self.volumes.get(vid) if vid else None
@@ -345,7 +400,8 @@ class VolumeService:
         """Have the daemon of ``host`` carry out ``request``; its result, or its error."""
         inbox = Inbox(self.share.meta, host)
         try:
-            rid = await self._blocking("sending", inbox.post, self.host_id, request)
+            with CancelScope(shield=True):  # a request posted is a request we can withdraw
+                rid = await self._blocking("sending", inbox.post, self.host_id, request)
             log.info("%s for volume %s: sent to host %s, which owns it", request.get("op"),
                      request.get("volume"), host)
             posted = time.monotonic()
@@ -392,6 +448,8 @@ class VolumeService:
                 except SnapfsError as exc:
                     log.warning("reading the inbox of host %s failed: %s", self.host_id,
                                 exc.message)
+                except Exception:  # noqa: BLE001 -- a damaged inbox must not stop the daemon
+                    log.exception("reading the inbox of host %s failed", self.host_id)
             await sleep(INBOX_POLL)
 
     async def _serve_request(self, rid: str, sender: str, request) -> None:
@@ -404,6 +462,10 @@ class VolumeService:
                      "message": moved.message}
         except SnapfsError as exc:
             reply = {"ok": False, "op": op, "errno": exc.errno_name, "message": exc.message}
+        except Exception as exc:  # noqa: BLE001 -- another host's request never stops this one
+            log.exception("carrying out %s for host %s failed", op, sender)
+            reply = {"ok": False, "op": op, "errno": "EIO",
+                     "message": f"{type(exc).__name__}: {exc}"}
         if op != "handover":
             log.info("carried out %s for host %s: %s", op, sender,
                      "ok" if reply["ok"] else reply["message"])
@@ -428,16 +490,20 @@ class VolumeService:
         vol = self.volumes.get(vid)
         if vol is not None:
             return vol
-        if self.offline or not own:
-            return await self._open_volume(vid, self.leases.owns(vid) and not self.offline)
+        if self.offline:
+            return await self._open_volume(vid, False)
         if self.holders.get(vid) is current_task():
             return await self._open_volume(vid, self.leases.owns(vid))
+        if not own and not self.leases.owns(vid):
+            return await self._open_volume(vid, False)
+        # Opened for writing only under the volume's lock, which keeps its lease meanwhile
+        # (a handover or an idle lease's release waits for it).
         try:
             await self._acquire(vid)  # nobody owns it: this daemon does from now on
         except Moved:
             return await self._open_volume(vid, False)
         try:
-            return await self._open_volume(vid, True)
+            return await self._open_volume(vid, self.leases.owns(vid))
         finally:
             self._release(vid)
 
@@ -454,8 +520,9 @@ class VolumeService:
         self.volumes[vid] = vol
         return vol
 
-    async def _load(self, vol: Volume, writable: bool) -> None:
-        """(Re)open a volume's chain as the share has it now."""
+    async def _load(self, vol: Volume, writable: bool, report: bool = True) -> None:
+        """(Re)open a volume's chain as the share has it now (``report``: a failure marks
+        the volume failed and is logged)."""
         vid = vol.vid
         gen = await self._blocking("reading", self.leases.volume_gen, vid)
         info, exists = await self._blocking("reading", self._state, vid)
@@ -480,8 +547,9 @@ class VolumeService:
         except SnapfsError as exc:
             with contextlib.suppress(SnapfsError):
                 await vol.close()
-            self.failed[vid] = f"cannot open: {exc.message}"
-            log.error("volume %s cannot be served: %s", vid, exc.message)
+            if report:
+                self.failed[vid] = f"cannot open: {exc.message}"
+                log.error("volume %s cannot be served: %s", vid, exc.message)
             raise
         if self.failed.get(vid, "").startswith("cannot open"):
             self.failed.pop(vid)
@@ -492,10 +560,12 @@ class VolumeService:
             key=lambda kv: (created.get(kv[0], {}).get("created", 0), kv[0]))}
         vol.attrs = None
         vol.gen = gen
-        vol.reload = functools.partial(self._reload, vol, False)
+        vol.reload = functools.partial(self._refollow, vol)
 
     async def _reload(self, vol: Volume, writable: bool) -> None:
         """Open a volume's chain again, as owner or follower, with guest I/O paused."""
+        if not writable and not vol.writable and vol.images:
+            return await self._reread_follower(vol)
         async with vol.gate.exclusive():
             await vol.close()
             try:
@@ -504,6 +574,25 @@ class VolumeService:
                 if self.volumes.get(vol.vid) is vol and not vol.users:
                     del self.volumes[vol.vid]
                 raise
+
+    async def _reread_follower(self, vol: Volume) -> None:
+        """A follower's new view of the chain, opened beside the old one and swapped in: the
+        owner may rename or remove files while we read .info and open them (then we try
+        again), and until the new view is complete the old one goes on serving reads."""
+        fresh = Volume(self.share, vol.vid)
+        for attempt in range(FOLLOW_TRIES):
+            try:
+                await self._load(fresh, False, report=attempt == FOLLOW_TRIES - 1)
+                break
+            except SnapfsError:
+                if attempt == FOLLOW_TRIES - 1:
+                    raise
+                await sleep(0.05)
+        async with vol.gate.exclusive():
+            old = vol.images
+            vol.adopt(fresh)
+        if old:
+            await old[-1].close()
 
     async def opened(self, vid: str) -> Volume:
         """A file of the volume is being opened: a follower looks at the share again
@@ -517,12 +606,27 @@ class VolumeService:
         """A follower: read the chain again if its owner changed it, else the active image's
         tables.  True when the chain was read again."""
         gen = await self._blocking("reading", self.leases.volume_gen, vol.vid)
-        if gen != vol.gen and not vol.writable:
+        if gen == vol.gen or vol.writable:
+            await vol.refresh()
+            return False
+        return await self._refollow(vol)
+
+    async def _refollow(self, vol: Volume) -> bool:
+        """A follower reads its chain again, unless this daemon is taking it over (which
+        reads it anyway).  True when it did."""
+        sem = self.locks.setdefault(vol.vid, Semaphore(1))
+        try:
+            sem.acquire_nowait()
+        except WouldBlock:
+            return False  # this daemon is taking the volume over: it reads the chain anyway
+        try:
+            if vol.writable or self.volumes.get(vol.vid) is not vol:
+                return False
             log.info("volume %s: changed by its owner, reading its chain again", vol.vid)
             await self._reload(vol, writable=False)
             return True
-        await vol.refresh()
-        return False
+        finally:
+            sem.release()
 
     def _check_info(self, vid: str, info: dict | None, vol: Volume) -> None:
         """Every snapshot the .info names must be an overlay within the chain."""
@@ -690,6 +794,11 @@ class VolumeService:
             self.share.write_record(vid, rec)
 
     def _start_merge(self, vid: str, vol: Volume, name: str) -> None:
+        """Run the merge as a job that takes over the volume's lock (held by the caller)."""
+        if vid in self.handing_over:
+            log.info("volume %s: the merge of %s is left to the volume's next owner", vid, name)
+            self._release(vid)
+            return
         job = Job(vid, f"merging {name}")
         self.jobs[vid] = job
         vol.users += 1
@@ -1086,7 +1195,7 @@ class VolumeService:
             sem = self.locks.get(vid)
             if (vid not in self.volumes and vid not in self.jobs and vid not in self.resuming
                     and (sem is None or sem.value) and now - self.used.get(vid, 0) > LEASE_IDLE):
-                self.leases.disown(vid)  # unused here for a while: one descriptor fewer
+                await self._disown(vid)  # unused here for a while: one descriptor fewer
         for vid in await self._blocking("locking", self.leases.lost):
             await self._fence(vid)
         gen = await self._blocking("reading", self.leases.share_gen)
@@ -1109,15 +1218,18 @@ class VolumeService:
     async def _fence(self, vid: str) -> None:
         """The share dropped a lease we held (this host was cut off longer than the
         server's lease time): another daemon may own the volume now.  Write nothing more."""
-        msg = "lost its lease on the share (cut off for too long); follows its owner now"
-        log.error("volume %s %s", vid, msg)
-        self.failed[vid] = f"volume {msg}"
-        self.leases.disown(vid)
+        reason = f"{FENCED} on the share (cut off for too long); its new owner serves it"
+        log.error("volume %s: %s", vid, reason)
+        self.failed[vid] = reason
         vol = self.volumes.get(vid)
         if vol is not None:
             vol.writable = False
             for img in vol.images:
                 img.writable = False
+        job = self.jobs.get(vid)
+        if job is not None:
+            job.scope.cancel()  # its next steps would change a chain another daemon owns
+        await self._disown(vid)
 
     async def watch_space(self, interval: float = SPACE_INTERVAL) -> None:
         while True:

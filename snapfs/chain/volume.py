@@ -27,7 +27,7 @@ from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.resolve import FlatMap
 from snapfs.errors import (Corrupt, Invalid, NotFound, NotOwner, PastEnd, ShareIOError,
                            SnapfsError)
-from snapfs.io import Event, Gate, Lock, Replaced, run_blocking
+from snapfs.io import CancelScope, Event, Gate, Lock, Replaced, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,13 @@ class Volume:
         self.mirror = None
         self._remap()
 
+    def adopt(self, fresh: "Volume") -> None:
+        """A follower takes over the chain another Volume object just opened (its own old
+        images are the caller's to close)."""
+        self.images, fresh.images = fresh.images, []
+        self.snap_files, self.gen = fresh.snap_files, fresh.gen
+        self.writable, self.fresh_at, self.attrs, self.mirror = False, fresh.fresh_at, None, None
+
     def _remap(self) -> None:
         """After the chain changed: a FlatMap of the frozen images for the active one when
         they are several (one frozen image is read as fast without it)."""
@@ -136,7 +143,9 @@ class Volume:
         if self.writable or not self.images:
             return
         self.fresh_at = time.monotonic()
-        await self.top.revalidate()
+        async with self.gate.shared():  # not while the chain is opened again
+            if self.images and not self.writable:
+                await self.top.revalidate()
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.writable:
@@ -325,27 +334,11 @@ class Volume:
             # (those made during this flush are copied first: they are many on a busy guest).
             await lower.flush()
             await self._catch_up(upper, lower)
-            async with self.gate.exclusive():
-                if active:
-                    pending, self.mirror = self.mirror or [], None
-                    await copy_own_runs(upper, lower, pending, None)
-                    self.settling = Event()
-                else:
-                    await lower.finish_writing()
-                if i + 1 < len(self.images):
-                    child = self.images[i + 1]
-                    await set_backing(child, lower)
-                    child.backing = lower
-                await lower_ro.f.close()  # replaced by ``lower``; its backing stays in use
-                self.images[i - 1] = lower
-                del self.images[i]
-                if not active:
-                    freeze(lower)
-                self._remap()
-            if active:
-                await self._settle_switch(lower, on_switch, name)
-            upper.backing = None
-            await upper.close()
+            # From the switch on the merge completes (see stream_up): a pause between the
+            # switch and recording it would let the next owner merge down again over writes
+            # a flush acknowledged.
+            with CancelScope(shield=True):
+                await self._commit_switch(i, name, upper, lower, lower_ro, active, on_switch)
         except BaseException:
             self.mirror = None
             if lower not in self.images:
@@ -353,6 +346,30 @@ class Volume:
                 await lower.close()
             raise
 
+    async def _commit_switch(self, i: int, name: str, upper: Image, lower: Image,
+                             lower_ro: Image, active: bool, on_switch) -> None:
+        """The end of ``commit_down``: the image above (or the guest) moves to ``lower``."""
+        async with self.gate.exclusive():
+            if active:
+                pending, self.mirror = self.mirror or [], None
+                await copy_own_runs(upper, lower, pending, None)
+                self.settling = Event()
+            else:
+                await lower.finish_writing()
+            if i + 1 < len(self.images):
+                child = self.images[i + 1]
+                await set_backing(child, lower)
+                child.backing = lower
+            await lower_ro.f.close()  # replaced by ``lower``; its backing stays in use
+            self.images[i - 1] = lower
+            del self.images[i]
+            if not active:
+                freeze(lower)
+            self._remap()
+        if active:
+            await self._settle_switch(lower, on_switch, name)
+        upper.backing = None
+        await upper.close()
 
     async def _catch_up(self, upper: Image, lower: Image) -> None:
         """During an active merge: copy what the guest wrote meanwhile, until little is left
@@ -413,34 +430,43 @@ class Volume:
             upper.backing = lower
         try:
             await stream_runs(lower, upper, self.gate if active else None, on_progress)
-            async with self.gate.exclusive():
-                await (upper.flush() if active else upper.finish_writing())
-                below = lower.backing
-                if below is None:
-                    await upper.set_backing_file(None, None)
-                else:
-                    await upper.set_backing_file(os.path.basename(below.path), below.format)
-                lower_name = os.path.basename(lower.path)
-                await run_blocking(upper.f.inline, "renaming", self.share.replace, name, lower_name)
-                upper.path = upper.f.path = lower.path
-                upper.backing = below
-                lower.backing = None
-                await lower.close()  # frozen: only its descriptor goes
-                if not active:
-                    upper_ro.backing = None
-                    await upper_ro.close()
-                    freeze(upper)
-                self.images[i - 1:i + 1] = [upper]
-                if i < len(self.images):
-                    self.images[i].backing = upper
-                self._remap()
-                if i < len(self.images):
-                    await set_backing(self.images[i], upper)
+            # From here on the merge completes: pausing it (a handover cancels it) between the
+            # rename and the re-pointing would leave a chain that names a file gone.
+            with CancelScope(shield=True):
+                await self._stream_switch(i, name, upper, upper_ro, lower, active)
         except BaseException:
             if upper not in self.images:
                 upper.backing = None
                 await upper.close()
             raise
+
+    async def _stream_switch(self, i: int, name: str, upper: Image, upper_ro: Image,
+                             lower: Image, active: bool) -> None:
+        """The end of ``stream_up``: ``name`` takes the lower file's place and name."""
+        async with self.gate.exclusive():
+            await (upper.flush() if active else upper.finish_writing())
+            below = lower.backing
+            if below is None:
+                await upper.set_backing_file(None, None)
+            else:
+                await upper.set_backing_file(os.path.basename(below.path), below.format)
+            lower_name = os.path.basename(lower.path)
+            await run_blocking(upper.f.inline, "renaming", self.share.replace, name, lower_name)
+            upper.path = upper.f.path = lower.path
+            upper.backing = below
+            lower.backing = None
+            await lower.close()  # frozen: only its descriptor goes
+            if not active:
+                upper_ro.backing = None
+                await upper_ro.close()
+                freeze(upper)
+            self.images[i - 1:i + 1] = [upper]
+            if i < len(self.images):
+                self.images[i].backing = upper
+            self._remap()
+            if i < len(self.images):
+                await set_backing(self.images[i], upper)
+
 
 class FaultLog:
     """One log line per kind of fault and volume, then a count at most once a minute: a

@@ -370,6 +370,8 @@ def test_a_follower_reads_right_through_merges_on_the_owner(hosts):
                     bad.append(first_difference(buf[:n], expected))
                     return
                 reads[0] += 1
+        except OSError as exc:
+            bad.append(f"read failed: {exc}\n{b.log_text()[-3000:]}")
         finally:
             os.close(fd)
 
@@ -384,10 +386,11 @@ def test_a_follower_reads_right_through_merges_on_the_owner(hosts):
         eventually(lambda: reads[0] >= n + 3 or bad, "reads on B after the first merge")
         ctl(a, "delete-snapshot", volume="v", snapshot="s1")
         wait_jobs(a.mnt)
+        eventually(lambda: "changed by its owner, reading its chain again" in b.log_text(),
+                   "B reading the chain again")
         n = reads[0]
         eventually(lambda: reads[0] >= n + 3 or bad, "reads on B after the second merge")
     finally:
         stop.append(True)
         t.join(30)
     assert not bad, bad[0]
-    assert "changed by its owner, reading its chain again" in b.log_text()
