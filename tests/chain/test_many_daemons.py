@@ -5,6 +5,7 @@ forced by slowing one step down; every outcome is read back from the share."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -14,6 +15,15 @@ from snapfs.chain.service import VolumeService
 
 MiB = 1 << 20
 BLOCK = 4096
+
+
+@contextlib.asynccontextmanager
+async def two_daemons(tmp_path):
+    """Daemons of hosts a and b serving one share, each looking for changes 5 times a second."""
+    a = VolumeService(str(tmp_path), host_id="a")
+    b = VolumeService(str(tmp_path), host_id="b")
+    async with a.running(refresh=0.2), b.running(refresh=0.2):
+        yield a, b
 
 
 async def eventually(check, timeout: float = 10.0):
@@ -26,9 +36,7 @@ def test_a_daemons_own_change_does_not_hide_another_daemons(tmp_path):
     """B snapshots and rewrites x; A changes its own volume y before it looks again: A,
     following x, must still notice B's change."""
     async def main():
-        a = VolumeService(str(tmp_path), host_id="a")
-        b = VolumeService(str(tmp_path), host_id="b")
-        async with a.running(refresh=0.2), b.running(refresh=0.2):
+        async with two_daemons(tmp_path) as (a, b):
             await a.create_volume("y", MiB)
             await b.create_volume("x", MiB)
             async with b.hold("x") as vb:
@@ -76,9 +84,7 @@ def test_a_handover_pauses_a_merge_instead_of_waiting_for_it(tmp_path):
     """A merge that would take a minute: the handover pauses it (the merge is left to the next
     owner, which finishes it), it does not wait for it."""
     async def main():
-        a = VolumeService(str(tmp_path), host_id="a")
-        b = VolumeService(str(tmp_path), host_id="b")
-        async with a.running(refresh=0.2), b.running(refresh=0.2):
+        async with two_daemons(tmp_path) as (a, b):
             await a.create_volume("v", MiB, "qcow2")
             async with a.hold("v") as va:
                 await va.write(0, b"1" * BLOCK)
@@ -116,9 +122,7 @@ def test_a_handover_at_a_merges_switch_keeps_what_a_flush_acknowledged(tmp_path)
     flushes while a handover arrives.  The merge completes before the volume changes hands:
     the next owner reads Z, never the merged overlay's older data."""
     async def main():
-        a = VolumeService(str(tmp_path), host_id="a")
-        b = VolumeService(str(tmp_path), host_id="b")
-        async with a.running(refresh=0.2), b.running(refresh=0.2):
+        async with two_daemons(tmp_path) as (a, b):
             await a.create_volume("v", MiB, "qcow2")
             async with a.hold("v") as vol:
                 await vol.write(0, b"X" * 65536)
