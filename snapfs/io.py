@@ -37,6 +37,7 @@ WouldBlock = trio.WouldBlock
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
 
 THREADS = 16  # share calls in flight at once
+IOV_MAX = 1024  # buffers one pwritev may take (Linux)
 
 #: Seconds a call on a share that can block may take before the request fails with EIO (the
 #: call itself goes on in its thread and is forgotten).  ``io_timeout=`` sets it per mount.
@@ -263,6 +264,17 @@ class BlockFile:
             n = await self._run("write", os.pwrite, view, offset)
             view = view[n:]
             offset += n
+
+    async def pwritev(self, offset: int, buffers) -> None:
+        """Write ``buffers`` one after the other from ``offset``, without joining them."""
+        views = [memoryview(b) for b in buffers]
+        while views:
+            n = await self._run("write", os.pwritev, views[:IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     # fsync takes milliseconds even on a local disk: it never runs in the loop.
     async def fsync(self) -> None:

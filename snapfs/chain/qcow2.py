@@ -616,7 +616,10 @@ class Qcow2Image:
                 parts.append(writes[j][1])
                 end += len(writes[j][1])
                 j += 1
-            await self.f.pwrite(host, parts[0] if len(parts) == 1 else b"".join(parts))
+            if len(parts) == 1:
+                await self.f.pwrite(host, parts[0])
+            else:
+                await self.f.pwritev(host, parts)  # the guest's payload, not a joined copy
             self.file_size = max(self.file_size, end)
             i = j
         if writes:
