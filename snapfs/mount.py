@@ -159,7 +159,10 @@ def acquire_lease(cfg: MountConfig):
     """One daemon per host id on a share (daemons of other hosts share it; see leases).
 
     A holder whose mount is already gone is shutting down: wait for it, bounded."""
-    from snapfs.chain.leases import Leases, default_host_id
+    from snapfs.chain.leases import Leases, default_host_id, lock_problem
+    problem = lock_problem(cfg.share)
+    if problem:
+        raise UsageError(f"{problem}; remount it without (snapfs leases need server locks)")
     meta = os.path.join(cfg.share, ".snapfs")
     os.makedirs(meta, mode=0o700, exist_ok=True)
     leases = Leases(meta, cfg.host_id or default_host_id(), cfg.mountpoint)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -248,6 +249,36 @@ class Leases:
         self.volumes.clear()
         self.generation.close()
         self.me.close()
+
+
+def lock_problem(path: str, mounts: str | None = None) -> str | None:
+    """Why leases cannot work on the file system holding ``path``, or None.
+
+    An NFS client mounted with ``nolock`` or ``local_lock=posix|all`` keeps fcntl locks on
+    the client: every host would get every lease, and two daemons could write one volume.
+    ``mounts`` is the text of /proc/self/mounts (read when not given)."""
+    if mounts is None:
+        with open("/proc/self/mounts") as f:
+            mounts = f.read()
+    path = os.path.realpath(path)
+    best: tuple[str, str, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+        if inside and (best is None or len(mnt) >= len(best[0])):
+            best = (mnt, fields[2], fields[3])
+    if best is None or not best[1].startswith("nfs"):
+        return None
+    opts = best[2].split(",")
+    if "nolock" in opts:
+        return f"{best[0]} is an NFS mount with 'nolock': file locks stay on this host"
+    for o in opts:
+        if o in ("local_lock=all", "local_lock=posix"):
+            return f"{best[0]} is an NFS mount with '{o}': file locks stay on this host"
+    return None
 
 
 def host_lease_path(meta: str, host: str) -> str:
