@@ -166,34 +166,31 @@ class Volume:
         await self.reload()
 
     async def _read(self, offset: int, length: int) -> bytes:
-        try:
-            async with self.gate.shared():
-                top = self.top
-                end = min(offset + length, top.size)
-                if offset >= end:
-                    return b""
-                return await top.read(offset, end - offset)
-        except SnapfsError as exc:
-            self._io_failed("read", exc)
-            raise
+        return await self._read_from(self._active, offset, length)
+
+    def _active(self) -> Image:
+        return self.top
 
     async def read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
         """Read a snapshot's point-in-time content (what its overlay backs onto)."""
+        def content() -> Image:
+            name = self.snap_files.get(sid)
+            if name is None:
+                raise NotFound(f"volume {self.vid} has no snapshot {sid}")
+            return self.below(name)
         try:
-            return await self._read_snapshot(sid, offset, length)
+            return await self._read_from(content, offset, length)
         except Replaced:
             if self.writable:
                 raise
             await self._reread_chain()
-            return await self._read_snapshot(sid, offset, length)
+            return await self._read_from(content, offset, length)
 
-    async def _read_snapshot(self, sid: str, offset: int, length: int) -> bytes:
+    async def _read_from(self, pick, offset: int, length: int) -> bytes:
+        """Read the image ``pick()`` names, with guest I/O's share of the gate."""
         try:
             async with self.gate.shared():
-                name = self.snap_files.get(sid)
-                if name is None:
-                    raise NotFound(f"volume {self.vid} has no snapshot {sid}")
-                img = self.below(name)
+                img = pick()
                 end = min(offset + length, img.size)
                 if offset >= end:
                     return b""
