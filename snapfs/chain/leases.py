@@ -26,10 +26,12 @@ one name).  Every call here blocks on the share; callers run them through ``snap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
+import threading
 import time
 
 from snapfs.chain.locks import byte_held, try_byte, unlock_byte, wait_byte
@@ -50,6 +52,9 @@ class RecordFile:
         self.path = path
         self.mode = mode
         self.fd: int | None = None
+        # Worker threads may use one RecordFile at once; its OFD locks cannot keep them
+        # apart (a lock taken again through the same open file converts, never waits).
+        self._mutex = threading.Lock()
 
     def _open(self) -> int:
         if self.fd is None:
@@ -86,6 +91,10 @@ class RecordFile:
         os.fsync(fd)
 
     def read(self) -> dict:
+        with self._mutex:
+            return self._read()
+
+    def _read(self) -> dict:
         fd = self._open()
         try:
             wait_byte(fd, RECORD_BYTE, exclusive=False)
@@ -99,6 +108,10 @@ class RecordFile:
     def update(self, change, fresh: bool = False) -> dict:
         """Read the record, let ``change(rec)`` edit it in place, write it back; returns it.
         ``fresh``: start from an empty record (one that cannot be read is replaced)."""
+        with self._mutex:
+            return self._update(change, fresh)
+
+    def _update(self, change, fresh: bool) -> dict:
         fd = self._open()
         try:
             wait_byte(fd, RECORD_BYTE)
@@ -161,14 +174,6 @@ class Lease(RecordFile):
         except OSError as exc:
             raise from_oserror(exc, f"testing {os.path.basename(self.path)}") from None
 
-    def drop(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                unlock_byte(self._open(), HOLD_BYTE)
-            except (OSError, SnapfsError):
-                pass  # closing the file drops it as well
-
     def close(self) -> None:
         self.held = False
         super().close()
@@ -196,47 +201,78 @@ class Leases:
         return self.me.read()
 
     # -- volumes ---------------------------------------------------------------------------
+    #
+    # ``volumes`` holds only the leases this daemon holds, each on one open file that nothing
+    # else uses.  Every look at another volume's lease opens the file anew and closes it: a
+    # shared file would let one thread's lock calls convert or drop another's (OFD locks
+    # belong to the open file, not to the caller), and these calls run in worker threads.
 
-    def _lease(self, vid: str) -> Lease:
-        lease = self.volumes.get(vid)
-        if lease is None:
-            lease = self.volumes[vid] = Lease(os.path.join(self.meta, "owners", vid))
-        return lease
+    def _path(self, vid: str) -> str:
+        return os.path.join(self.meta, "owners", vid)
+
+    @contextlib.contextmanager
+    def _peek(self, vid: str):
+        held = self.volumes.get(vid)
+        if held is not None:
+            yield held
+            return
+        lease = Lease(self._path(vid))
+        try:
+            yield lease
+        finally:
+            lease.close()
 
     def owns(self, vid: str) -> bool:
-        lease = self.volumes.get(vid)
-        return lease is not None and lease.held
+        return vid in self.volumes
 
     def owned(self) -> list[str]:
-        return sorted(v for v, lease in self.volumes.items() if lease.held)
+        return sorted(self.volumes)
 
     def try_own(self, vid: str) -> bool:
-        return self._lease(vid).try_hold(host=self.host)
+        """Take ``vid``'s lease if nobody holds it (called with the volume's lock held)."""
+        if vid in self.volumes:
+            return True
+        lease = Lease(self._path(vid))
+        try:
+            if not lease.try_hold(host=self.host):
+                lease.close()
+                return False
+        except BaseException:
+            lease.close()
+            raise
+        self.volumes[vid] = lease
+        return True
 
     def owner(self, vid: str) -> str | None:
         """The host id of the live daemon owning ``vid``, if not this one."""
-        lease = self._lease(vid)
-        if lease.held or not lease.held_elsewhere():
+        if vid in self.volumes:
             return None
-        return str(lease.read().get("host") or "an unnamed host")
+        with self._peek(vid) as lease:
+            if not lease.held_elsewhere():
+                return None
+            return str(lease.read().get("host") or "an unnamed host")
 
-    def disown(self, vid: str) -> None:
+    def disown(self, vid: str) -> Lease | None:
+        """Stop holding ``vid``'s lease; the caller closes the file returned (which lets go
+        of the lock), off the loop since closing may wait on the share."""
         lease = self.volumes.pop(vid, None)
         if lease is not None:
-            lease.close()
+            lease.held = False
+        return lease
 
     def lost(self) -> list[str]:
         """The volumes whose lease this daemon held but the share no longer gives it."""
-        return [vid for vid, lease in list(self.volumes.items())
-                if lease.held and not lease.still_held()]
+        return [vid for vid, lease in list(self.volumes.items()) if not lease.still_held()]
 
     def volume_gen(self, vid: str) -> int:
-        return int(self._lease(vid).read().get("gen", 0))
+        with self._peek(vid) as lease:
+            return int(lease.read().get("gen", 0))
 
     def changed(self, vid: str | None) -> int:
         """Record a change others must see: the volume's ``gen`` and the share's counter."""
         if vid is not None:
-            self._lease(vid).update(lambda rec: rec.__setitem__("gen", rec.get("gen", 0) + 1))
+            with self._peek(vid) as lease:
+                lease.update(lambda rec: rec.__setitem__("gen", rec.get("gen", 0) + 1))
         rec = self.generation.update(lambda r: r.__setitem__("gen", r.get("gen", 0) + 1))
         return rec["gen"]
 

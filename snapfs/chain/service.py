@@ -266,9 +266,8 @@ class VolumeService:
 
     async def _disown(self, vid: str) -> None:
         """Drop a volume's lease (closing its file may wait on the share: not on the loop)."""
-        lease = self.leases.volumes.pop(vid, None)
+        lease = self.leases.disown(vid)
         if lease is not None:
-            lease.held = False
             await self._blocking("unlocking", lease.close)
 
     async def _took_over(self, vid: str) -> None:
