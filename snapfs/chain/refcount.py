@@ -162,12 +162,13 @@ class Refcounts:
         """Allocate ``n`` contiguous clusters; returns the host offset of the first."""
         ci = self.free_hint
         run_start, run_len = ci, 0
+        first_seen = -1  # the first free cluster the scan met (runs too short included)
         while run_len < n:
             bi, i = divmod(ci, self.per_block)
             if bi >= self.capacity:
                 await self._grow_table(bi)
                 ci = run_start = self.free_hint = max(self.free_hint, self.end_cluster)
-                run_len = 0
+                run_len, first_seen = 0, -1
                 continue
             blk = await self.block(bi)
             if blk is None:
@@ -190,6 +191,8 @@ class Refcounts:
                     run_start = ci
                     continue
                 ci = run_start = bi * self.per_block + j
+                if first_seen < 0:
+                    first_seen = ci
                 run_len = 1
                 ci += 1
                 continue
@@ -207,8 +210,10 @@ class Refcounts:
             blk = self.blocks[bi]
             blk.set(i, 1)
             self.dirty.add(bi)
-        if self.free_hint == run_start:
-            self.free_hint = run_start + n
+        # Nothing below the first free cluster met is free: the next scan starts there (or
+        # past this run), not again at the hint, which may sit on allocated clusters.
+        if first_seen >= self.free_hint:
+            self.free_hint = run_start + n if first_seen == run_start else first_seen
         self.end_cluster = max(self.end_cluster, run_start + n)
         return run_start << self.cbits
 
