@@ -23,7 +23,6 @@ from snapfs.errors import Invalid, ShareIOError, from_oserror
 
 log = logging.getLogger(__name__)
 
-Lock = trio.Lock
 Event = trio.Event
 Semaphore = trio.Semaphore
 Cancelled = trio.Cancelled
@@ -52,6 +51,36 @@ def set_timeout(seconds: float) -> None:
     if seconds <= 0:
         raise ValueError("the I/O timeout must be positive")
     TIMEOUT = seconds
+
+
+class Lock:
+    """A trio lock that is taken without a pass through the scheduler when it is free.
+
+    An image's lock is free for nearly every guest write; trio's ``acquire`` always yields
+    first, which cost more than the write itself.  Waiters still queue in order."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        self._lock.release()
 
 
 class ShareTimeout(ShareIOError):

@@ -32,6 +32,9 @@ from snapfs.io import BlockFile, Event, Lock, Replaced
 
 log = logging.getLogger(__name__)
 
+#: Data written since the last sync above which a flush syncs it before taking the lock.
+PRESYNC_BYTES = 4 << 20
+
 L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 FROZEN_L2_TABLES = 8  # a frozen image is read through the volume's FlatMap, rarely itself
@@ -70,6 +73,7 @@ class Qcow2Image:
         self.leaky = False  # a mutation failed after allocating: clusters may have leaked
         self.below_map = None  # a FlatMap of the backing chain, set by the volume when deep
         self.data_written = False
+        self.unsynced = 0  # bytes of data written since the last sync
         self.readers = 0
         self._readers_idle: Event | None = None
         self._zcache: tuple[int, bytes] | None = None
@@ -554,11 +558,13 @@ class Qcow2Image:
         if pos == cstart and wend >= limit:
             return bytes(chunk) if wend == cstart + self.cs else bytes(chunk) + zeros(cstart + self.cs - wend)
         if zero_fill:
-            head, tail = zeros(pos - cstart), zeros(cstart + self.cs - wend)
-        else:
-            head = await self._read_own(cstart, pos - cstart)
-            tail = await self._read_own(wend, limit - wend) + zeros(cstart + self.cs - max(limit, wend))
-        return head + bytes(chunk) + tail
+            return zeros(pos - cstart) + bytes(chunk) + zeros(cstart + self.cs - wend)
+        # one read of the cluster's current content, the write laid over it
+        cluster = bytearray(await self._read_own(cstart, limit - cstart))
+        cluster[pos - cstart:wend - cstart] = chunk
+        if len(cluster) < self.cs:
+            cluster += zeros(self.cs - len(cluster))
+        return cluster
 
     async def _read_own(self, offset: int, length: int) -> bytes:
         """Current guest content (used for copy-on-write, under the lock)."""
@@ -624,6 +630,7 @@ class Qcow2Image:
             i = j
         if writes:
             self.data_written = True
+            self.unsynced += sum(len(d) for _, d in writes)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_write(offset, length)
@@ -759,10 +766,13 @@ class Qcow2Image:
         """Make every write so far durable and leave the image clean on disk."""
         if not self.writable or self.f.closed:
             return
-        if self.data_written and self._metadata_dirty():
+        if self.unsynced >= PRESYNC_BYTES and self._metadata_dirty():
             # The bulk of the data first, with guest writes going on: the ordered syncs below,
-            # which hold the image's lock, then find little left to write.
+            # which hold the image's lock, then find little left to write.  Not for a few
+            # MiB: that costs a sync more than it shortens the pause.
+            synced = self.unsynced
             await self.f.fdatasync()
+            self.unsynced -= synced
         async with self.lock:
             await self._guard(self._flush())
 
@@ -774,27 +784,27 @@ class Qcow2Image:
         if not self._metadata_dirty():
             if self.data_written:
                 await self.f.fdatasync()
-                self.data_written = False
+                self.data_written, self.unsynced = False, 0
             if self.dirty_on_disk:
                 await self._clear_dirty_bit()
-                await self.f.fsync()
+                await self.f.fdatasync()
             return
         f = self.f
         await self._set_dirty_bit()
         await self.refs.write_blocks()
-        await f.fsync()  # data, copy-on-write and refcounts before anything points at them
+        await f.fdatasync()  # data, copy-on-write and refcounts before anything points at them
         if await self.refs.write_table():
-            await f.fsync()
+            await f.fdatasync()
         if self.l2_dirty:
             for off in sorted(self.l2_dirty):
                 await f.pwrite(off, self.l2_cache[off])
             self.l2_dirty.clear()
             if self.l1_dirty or self.pending_frees:
-                await f.fsync()
+                await f.fdatasync()
         if self.l1_dirty:
             await self._write_l1_entries()
             if self.pending_frees:
-                await f.fsync()
+                await f.fdatasync()
         if self.pending_frees:
             await self._wait_for_readers()
             frees, self.pending_frees = self.pending_frees, []
@@ -803,8 +813,8 @@ class Qcow2Image:
                     await self.refs.add(c, -1)
             await self.refs.write_blocks()
         await self._clear_dirty_bit()
-        await f.fsync()
-        self.data_written = False
+        await f.fdatasync()
+        self.data_written, self.unsynced = False, 0
 
     async def _write_l1_entries(self) -> None:
         base = self.h.l1_table_offset
