@@ -68,13 +68,15 @@ def measure_all(work: str, p: dict) -> dict:
     say("writer stall during snapshot create and delete")
     results["stall_ms"] = ops.writer_stall(os.path.join(work, "op-stall"), p["size"],
                                            p["written"])
-    say(f"merge of a {p['merge'] // MIB} MiB overlay against qemu-img commit")
+    say(f"merge of a {p['merge'] // MIB} MiB overlay against qemu-img commit "
+        f"(median of {p['runs']}, alternating)")
     results["merge_mbs"] = ops.merge_vs_commit(os.path.join(work, "op-merge"), p["size"],
-                                               p["merge"])
+                                               p["merge"], p["runs"])
     deepest = os.path.join(work, f"chain-{p['depths'][-1]}")
-    say(f"clone of the depth-{p['depths'][-1]} chain against qemu-img convert")
+    say(f"clone of the depth-{p['depths'][-1]} chain against qemu-img convert "
+        f"(median of {p['runs']}, alternating)")
     results["clone_mbs"] = ops.clone_vs_convert(os.path.join(work, "op-clone"), deepest,
-                                                p["size"])
+                                                p["size"], p["runs"])
     vols, snaps, vsize = p["rss"]
     say(f"daemon RSS with {vols} volumes x {snaps} snapshots")
     results["rss_mib"] = ops.daemon_rss(os.path.join(work, "op-rss"), vols, snaps, vsize)

@@ -11,6 +11,7 @@ import bisect
 import json
 import mmap
 import os
+import shutil
 import statistics
 import threading
 import time
@@ -18,6 +19,7 @@ import time
 from snapfs.ctl import STATUS, Client
 
 from bench.chains import MIB, fill
+from bench.io_rounds import settle
 from bench.targets import SnapfsMount, SnapfsTarget, active_file, copy_tree, run
 from bench.workloads import WORKLOADS, fio
 
@@ -120,10 +122,22 @@ def writer_stall(work: str, size: int, written: int) -> dict[str, float]:
         m.close()
 
 
-def merge_vs_commit(work: str, size: int, delta: int) -> dict[str, float]:
+def _alternate(rounds: int, ours, theirs) -> dict[str, float]:
+    """Seconds of ``ours()`` and ``theirs()`` (each returns its own timing), medians of
+    ``rounds`` runs in alternating order: whichever goes second would otherwise always find
+    the first one's writeback done or still going."""
+    times: dict[str, list[float]] = {"snapfs": [], "qemu-img": []}
+    for r in range(rounds):
+        order = (("snapfs", ours), ("qemu-img", theirs))
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(fn(r))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def merge_vs_commit(work: str, size: int, delta: int, rounds: int) -> dict[str, float]:
     """MB/s of merging a ``delta`` overlay into the raw base below it: snapfs delete-snapshot
     of s0 (whose overlay holds the delta, under an empty active overlay) against
-    ``qemu-img commit`` of that overlay in a copy of the same share."""
+    ``qemu-img commit`` of that overlay, each round on fresh copies of the same share."""
     m = _mount(work, "merge")
     try:
         with Client(m.mnt) as c:
@@ -132,24 +146,39 @@ def merge_vs_commit(work: str, size: int, delta: int) -> dict[str, float]:
             c.request("create-snapshot", volume="m", snapshot="top")
     finally:
         m.close()
-    copy = os.path.join(work, "merge-copy")
-    copy_tree(m.share, copy)
-    m = SnapfsMount(m.share, m.mnt, os.path.join(work, "merge-2.log"))
-    try:
-        with Client(m.mnt) as c:
+
+    def ours(r: int) -> float:
+        share = os.path.join(work, f"merge-ours-{r}")
+        copy_tree(m.share, share)
+        mount = SnapfsMount(share, os.path.join(work, f"merge-mnt-{r}"),
+                            os.path.join(work, f"merge-{r}.log"))
+        try:
+            settle(work)
+            with Client(mount.mnt) as c:
+                t = time.perf_counter()
+                c.request("delete-snapshot", volume="m", snapshot="s0")
+                _wait_idle(mount.mnt)
+                return time.perf_counter() - t
+        finally:
+            mount.close()
+            shutil.rmtree(share)
+
+    def theirs(r: int) -> float:
+        share = os.path.join(work, f"merge-theirs-{r}")
+        copy_tree(m.share, share)
+        try:
+            settle(work)
             t = time.perf_counter()
-            c.request("delete-snapshot", volume="m", snapshot="s0")
-            _wait_idle(m.mnt)
-            ours = time.perf_counter() - t
-    finally:
-        m.close()
-    t = time.perf_counter()
-    run("qemu-img", "commit", "-q", os.path.join(copy, "volume-m.s0"))
-    theirs = time.perf_counter() - t
-    return {"snapfs": delta / ours / 1e6, "qemu-img": delta / theirs / 1e6}
+            run("qemu-img", "commit", "-q", os.path.join(share, "volume-m.s0"))
+            return time.perf_counter() - t
+        finally:
+            shutil.rmtree(share)
+
+    secs = _alternate(rounds, ours, theirs)
+    return {name: delta / s / 1e6 for name, s in secs.items()}
 
 
-def clone_vs_convert(work: str, share: str, size: int) -> dict[str, float]:
+def clone_vs_convert(work: str, share: str, size: int, rounds: int) -> dict[str, float]:
     """MB/s (of volume size) of a raw clone of the chain in ``share`` against
     ``qemu-img convert -O raw`` of the same chain, made durable.  qemu-img convert never
     syncs its output (it leaves it in the page cache); a clone request returns only once the
@@ -160,21 +189,32 @@ def clone_vs_convert(work: str, share: str, size: int) -> dict[str, float]:
     m = SnapfsMount(copy, os.path.join(work, "clone-mnt"), os.path.join(work, "clone.log"))
     try:
         with Client(m.mnt) as c:
-            t = time.perf_counter()
-            c.request("clone", volume="c", source_volume="v", format="raw")
-            ours = time.perf_counter() - t
+            def ours(r: int) -> float:
+                settle(work)
+                t = time.perf_counter()
+                c.request("clone", volume=f"c{r}", source_volume="v", format="raw")
+                took = time.perf_counter() - t
+                c.request("delete-volume", volume=f"c{r}")
+                return took
+
+            def theirs(r: int) -> float:
+                out = os.path.join(work, f"convert-{r}.raw")
+                settle(work)
+                t = time.perf_counter()
+                run("qemu-img", "convert", "-O", "raw", active_file(share), out)
+                fd = os.open(out, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                took = time.perf_counter() - t
+                os.unlink(out)
+                return took
+
+            secs = _alternate(rounds, ours, theirs)
     finally:
         m.close()
-    out = os.path.join(work, "convert.raw")
-    t = time.perf_counter()
-    run("qemu-img", "convert", "-O", "raw", active_file(share), out)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    theirs = time.perf_counter() - t
-    return {"snapfs": size / ours / 1e6, "qemu-img": size / theirs / 1e6}
+    return {name: size / s / 1e6 for name, s in secs.items()}
 
 
 def daemon_rss(work: str, volumes: int, snapshots: int, size: int) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import zlib
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
 from snapfs.io import BlockFile, Event, Lock, Replaced
 
 log = logging.getLogger(__name__)
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 #: Data written since the last sync above which a flush syncs it before taking the lock.
 PRESYNC_BYTES = 4 << 20
@@ -336,11 +339,23 @@ class Qcow2Image:
                 pos = span_end
                 continue
             table = await self._l2_table(l2off)
+            width = 16 if self.ext else 8
             while pos < span_end:
                 ci = pos >> cbits
                 cstart = ci << cbits
+                idx = ci & self.l2_mask
+                entry, bitmap = self._entry(table, idx)
+                if not entry and not bitmap:
+                    # Unallocated: the whole stretch of empty entries in one step (found by
+                    # a C-speed scan; a deep chain is mostly such stretches).
+                    last = ((span_end - 1) >> cbits) & self.l2_mask
+                    hit = _NONZERO.search(table, idx * width, (last + 1) * width)
+                    empty = (hit.start() // width if hit else last + 1) - idx
+                    stop = min(span_end, (ci + empty) << cbits)
+                    ex.append(out, ex.UNALLOC, pos, stop - pos)
+                    pos = stop
+                    continue
                 cend = min(span_end, cstart + cs)
-                entry, bitmap = self._entry(table, ci & self.l2_mask)
                 self._map_cluster(out, entry, bitmap, cstart, pos, cend)
                 pos = cend
         return out
