@@ -3,8 +3,9 @@
 ``resolve`` walks a chain once for a guest range; clones use it to copy only what is stored.
 ``FlatMap`` remembers the answer per cluster for the frozen part of a volume's chain (every
 image below the active one), so that a read through sixteen snapshots costs one dictionary
-lookup instead of sixteen table walks.  Frozen images never change while they are frozen;
-the volume drops the map at every chain switch.
+lookup instead of sixteen table walks; a miss resolves a whole window of clusters in one walk,
+so a random reader does not pay a walk per cluster while the map fills.  Frozen images never
+change while they are frozen; the volume drops the map at every chain switch.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FlatMap:
     the file and offset holding each granule, looked up once and remembered."""
 
     MAX_ENTRIES = 32768  # per volume; forgotten all at once when full (2 GiB at 64 KiB)
+    WINDOW = 256  # granules resolved together on a miss (16 MiB at 64 KiB)
 
     def __init__(self, img: Image, granule: int):
         self.img = img
@@ -76,16 +78,27 @@ class FlatMap:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _lookup(self, gi: int):
-        start = gi * self.granule
-        runs = await resolve(self.img, start, min(self.granule, self.img.size - start))
-        where: object = _MIXED
-        if len(runs) == 1:
-            img, run = runs[0]
-            if img is None:
-                where = _ZERO
-            elif run.kind == ex.DATA:
-                where = (img, run.host)
-        if len(self.entries) >= self.MAX_ENTRIES:
+        """Resolve the window of ``WINDOW`` granules around ``gi`` in one walk of the chain
+        (empty stretches of a table are skipped at C speed, so a window costs little more
+        than one granule) and remember every granule of it."""
+        g, size = self.granule, self.img.size
+        first = gi - gi % self.WINDOW
+        start = first * g
+        end = min(start + self.WINDOW * g, size)
+        runs = await resolve(self.img, start, end - start)
+        if len(self.entries) + self.WINDOW > self.MAX_ENTRIES:
             self.entries.clear()
-        self.entries[gi] = where
-        return where
+        i = 0
+        for k in range(first, -(-end // g)):
+            gs, ge = k * g, min(k * g + g, size)
+            while runs[i][1].offset + runs[i][1].length <= gs:
+                i += 1
+            img, run = runs[i]
+            where: object = _MIXED  # cut by run boundaries, or compressed
+            if run.offset + run.length >= ge:
+                if img is None:
+                    where = _ZERO
+                elif run.kind == ex.DATA:
+                    where = (img, run.host + gs - run.offset)
+            self.entries[k] = where
+        return self.entries[gi]
