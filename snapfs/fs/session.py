@@ -21,6 +21,8 @@ import select
 
 import trio
 
+from snapfs.io import Lock
+
 log = logging.getLogger(__name__)
 
 #: Requests taken straight off the device before one pass through the scheduler.
@@ -32,7 +34,7 @@ class Reader:
         self.fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
-        self._lock = trio.Lock()  # the task waiting for the device, the others behind it
+        self._lock = Lock()  # the task waiting for the device, the others behind it
         self._streak = 0
         self.stopping = False
 
