@@ -244,10 +244,10 @@ async def _main(svc, ready, cfg: MountConfig) -> None:
 
     from snapfs.fs import session
 
-    reader = session.install()
+    session.install()
     async with svc.running(refresh=cfg.refresh):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, reader)
+            nursery.start_soon(_signals)
             nursery.start_soon(svc.watch_space)
             nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint)
             ready(None)
@@ -270,15 +270,13 @@ def _raise_readahead(mountpoint: str) -> None:
         log.info("could not raise readahead: %s", exc)
 
 
-async def _signals(reader) -> None:
+async def _signals() -> None:
     import pyfuse3
     import trio
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            if reader is not None:
-                reader.stopping = True
             pyfuse3.terminate()
 
 

@@ -15,7 +15,7 @@ from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.raw import RawImage
 from snapfs.chain.resolve import resolve
 from snapfs.errors import from_oserror
-from snapfs.io import BlockFile, run_blocking
+from snapfs.io import BlockFile, checkpoint, run_blocking
 
 CHUNK = 8 << 20
 
@@ -43,6 +43,7 @@ async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,
             pos += n
             if on_progress:
                 on_progress(pos, source.size)
+            await checkpoint()  # guest requests between chunks (a local copy never waits)
         await dst.flush()
         if fmt == "raw":
             await dst.f.fsync()

@@ -29,7 +29,7 @@ from snapfs.chain.format import (
 from snapfs.chain.locks import lock_for_writing
 from snapfs.chain.refcount import Refcounts
 from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
-from snapfs.io import BlockFile, Event, Lock, Replaced
+from snapfs.io import BlockFile, Event, Lock, Replaced, acquire_quickly
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +482,11 @@ class Qcow2Image:
 
     async def write(self, offset: int, data) -> None:
         self._check_write(offset, len(data))
-        async with self.lock:
+        await acquire_quickly(self.lock)  # a guest write: free nearly always
+        try:
             await self._guard(self._write(offset, memoryview(data)))
+        finally:
+            self.lock.release()
 
     async def _guard(self, coro):
         """Run a mutation; damage found on the way makes the image read-only."""

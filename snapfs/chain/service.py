@@ -33,7 +33,7 @@ from snapfs.chain.mailbox import Inbox
 from snapfs.chain.volume import Volume
 from snapfs.errors import (Busy, Corrupt, Exists, Invalid, Moved, NotFound, NotOwner,
                            ShareIOError, SnapfsError, from_reply)
-from snapfs.io import (CancelScope, Semaphore, WouldBlock, current_task, move_on_after,
+from snapfs.io import (CancelScope, Semaphore, WouldBlock, checkpoint, current_task, move_on_after,
                        open_nursery, run_blocking, sleep)
 
 log = logging.getLogger(__name__)
@@ -983,6 +983,7 @@ class VolumeService:
                         if k < ln:
                             await top.write_zeroes(pos + k, ln - k)
                     pos += ln
+                    await checkpoint()
             await top.flush()
 
     async def manage(self, volume, source, format) -> dict:

@@ -27,7 +27,7 @@ from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.resolve import FlatMap
 from snapfs.errors import (Corrupt, Invalid, NotFound, NotOwner, PastEnd, ShareIOError,
                            SnapfsError)
-from snapfs.io import CancelScope, Event, Gate, Lock, Replaced, run_blocking
+from snapfs.io import CancelScope, Event, Gate, Lock, Replaced, checkpoint, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +524,7 @@ async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
             done += n
             if on_progress:
                 on_progress(done, total)
+            await checkpoint()  # guest requests between chunks (the I/O may all be inline)
 
 
 async def stream_runs(src: Image, dst: Image, gate: Gate | None, on_progress) -> None:
@@ -550,6 +551,7 @@ async def stream_runs(src: Image, dst: Image, gate: Gate | None, on_progress) ->
                             await dst.write(off, memoryview(data[r.offset])[skip:skip + ln])
         if on_progress:
             on_progress(pos + n, size)
+        await checkpoint()
 
 
 def _overlaps(offset: int, length: int, ranges) -> list[tuple[int, int]]:

@@ -8,9 +8,12 @@ that place which first polls the device without blocking and takes a queued requ
 once; every ``FAST_STREAK`` requests it goes the scheduler's way all the same, so timers,
 worker threads' results and other tasks are never starved by a busy guest.
 
-Only one task ever reads the device at a time (a request is taken from the device right
-after the wait returns, with no await in between), as in pyfuse3's own loop.  If pyfuse3
-has no such hook (another version), the stock loop stays: slower, not wrong.
+A request is read from the device right after the wait returns, with no await in between,
+so a queued request seen by the poll is still there when it is read; pyfuse3's own wait,
+used when nothing is queued, is checked the same way (a task on the quick path may have
+taken the request it woke for).  pyfuse3 counts the tasks in its own wait to decide when to
+start another worker task, so that count still means what it did.  If pyfuse3 has no such
+hook (another version), the stock loop stays: slower, not wrong.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ import logging
 import os
 import select
 
-import trio
-
-from snapfs.io import Lock
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +30,24 @@ FAST_STREAK = 8
 
 
 class Reader:
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, stock):
         self.fd = fd
+        self._stock = stock  # pyfuse3's own wait: its task accounting and shutdown stay
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
-        self._lock = Lock()  # the task waiting for the device, the others behind it
         self._streak = 0
-        self.stopping = False
 
     async def wait(self) -> bool:
         """True when a request can be read without blocking; False: the loop should end."""
-        if self.stopping:
-            return False
         if self._streak < FAST_STREAK and self._poll.poll(0):
             self._streak += 1
             return True
         self._streak = 0
-        try:
-            async with self._lock:
-                while True:
-                    if self.stopping:
-                        return False
-                    await trio.lowlevel.wait_readable(self.fd)
-                    if self._poll.poll(0):  # not taken by a task on the quick path
-                        break
-        except trio.ClosedResourceError:
-            return False
-        return True
+        while True:
+            if not await self._stock():
+                return False
+            if self._poll.poll(0):  # not taken meanwhile by a task on the quick path
+                return True
 
 
 def _device_fd() -> int | None:
@@ -81,7 +72,7 @@ def install() -> Reader | None:
         log.info("pyfuse3 %s: using its own request loop",
                  getattr(pyfuse3, "__version__", "?"))
         return None
-    reader = Reader(fd)
+    reader = Reader(fd, pyfuse3._wait_fuse_readable)
     pyfuse3._wait_fuse_readable = reader.wait
     log.info("request loop: queued FUSE requests are taken without waiting (up to %d in a "
              "row)", FAST_STREAK)
