@@ -557,11 +557,11 @@ class Qcow2Image:
         head_start = cstart + s0 * sc if not alloc >> s0 & 1 else pos
         tail_end = min(cstart + (s1 + 1) * sc, self._cluster_limit(cstart)) \
             if not alloc >> s1 & 1 else wend
-        payload = bytes(chunk)
+        payload = chunk  # the guest's bytes, joined only when subclusters need filling
         if head_start < pos:
-            payload = await self._read_own(head_start, pos - head_start) + payload
+            payload = await self._read_own(head_start, pos - head_start) + bytes(payload)
         if tail_end > wend:
-            payload = payload + await self._read_own(wend, tail_end - wend)
+            payload = bytes(payload) + await self._read_own(wend, tail_end - wend)
         if not host:
             host = await self.refs.alloc(1)
         new_bitmap = (alloc | touched) | ((zero & ~touched) << 32)
@@ -573,8 +573,8 @@ class Qcow2Image:
     async def _fill(self, cstart: int, pos: int, wend: int, chunk, zero_fill: bool) -> bytes:
         """A whole cluster's new content: the write, with the current content around it."""
         limit = self._cluster_limit(cstart)
-        if pos == cstart and wend >= limit:
-            return bytes(chunk) if wend == cstart + self.cs else bytes(chunk) + zeros(cstart + self.cs - wend)
+        if pos == cstart and wend >= limit:  # the whole cluster: the guest's bytes as they are
+            return chunk if wend == cstart + self.cs else bytes(chunk) + zeros(cstart + self.cs - wend)
         if zero_fill:
             return zeros(pos - cstart) + bytes(chunk) + zeros(cstart + self.cs - wend)
         # one read of the cluster's current content, the write laid over it
