@@ -345,6 +345,34 @@ def _delayed(fn):
     return call
 
 
+COPY_BLOCK = 8 << 20  # the buffer of copy_range's read-and-write fallback
+
+
+async def copy_range(src: "BlockFile", src_off: int, dst: "BlockFile", dst_off: int,
+                     length: int) -> int:
+    """Copy bytes between share files with ``copy_file_range`` (in the kernel; on NFS 4.2 on
+    the server), or by reading and writing where it is not supported.  Returns the bytes
+    copied: fewer only where the source file ends."""
+    def copy() -> int:
+        s, d, left = src_off, dst_off, length
+        while left:
+            try:
+                n = os.copy_file_range(src.fd, dst.fd, left, s, d)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = -1
+            if n <= 0:
+                data = os.pread(src.fd, min(left, COPY_BLOCK), s)
+                if not data:
+                    break  # the source file ends here
+                os.pwrite(dst.fd, data, d)
+                n = len(data)
+            s, d, left = s + n, d + n, left - n
+        return length - left
+    return await _call(src.inline and dst.inline, f"copying {src.path} to {dst.path}", copy)
+
+
 async def acquire_quickly(lock: trio.Lock) -> None:
     """Take ``lock`` without a pass through the scheduler when it is free (trio's ``acquire``
     always yields first, which costs more than a guest's 4 KiB write).  Only for requests

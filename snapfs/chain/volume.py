@@ -24,6 +24,7 @@ from snapfs.chain.chain import open_chain
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
+from snapfs.chain.raw import RawImage
 from snapfs.chain.resolve import FlatMap
 from snapfs.errors import (Corrupt, Invalid, NotFound, NotOwner, PastEnd, ShareIOError,
                            SnapfsError)
@@ -508,16 +509,21 @@ async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
         ranges = [(0, src.size)]
     total = sum(n for _, n in ranges) or 1
     done = 0
+    # Into a raw file, the data clusters of a frozen image (none of them freed meanwhile)
+    # are copied by the kernel, not read into the daemon and written back.
+    direct = isinstance(dst, RawImage) and not src.writable
     for start, length in ranges:
         end = min(start + length, src.size)
         pos = start
         while pos < end:
             n = min(COPY_CHUNK, end - pos)
-            for kind, off, ln, _host in await own_map(src, pos, n):
+            for kind, off, ln, host in await own_map(src, pos, n):
                 if kind == ex.UNALLOC:
                     continue
                 if kind == ex.ZERO:
                     await dst.write_zeroes(off, ln)
+                elif kind == ex.DATA and direct:
+                    await dst.copy_in(src.f, host, off, ln)
                 else:
                     await dst.write(off, await src.read(off, ln))
             pos += n
