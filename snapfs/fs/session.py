@@ -22,7 +22,6 @@ import logging
 import os
 import select
 
-
 log = logging.getLogger(__name__)
 
 #: Requests taken straight off the device before one pass through the scheduler.
@@ -30,6 +29,8 @@ FAST_STREAK = 8
 
 
 class Reader:
+    """The wait pyfuse3's worker tasks call before reading a request off the device."""
+
     def __init__(self, fd: int, stock):
         self.fd = fd
         self._stock = stock  # pyfuse3's own wait: its task accounting and shutdown stay
