@@ -33,8 +33,8 @@ from snapfs.chain.mailbox import Inbox
 from snapfs.chain.volume import Volume
 from snapfs.errors import (Busy, Corrupt, Exists, Invalid, Moved, NotFound, NotOwner,
                            ShareIOError, SnapfsError, from_reply)
-from snapfs.io import (CancelScope, Semaphore, WouldBlock, checkpoint, current_task, move_on_after,
-                       open_nursery, run_blocking, sleep)
+from snapfs.io import (CancelScope, Semaphore, WouldBlock, checkpoint, current_task,
+                       move_on_after, open_nursery, run_blocking, sleep)
 
 log = logging.getLogger(__name__)
 
