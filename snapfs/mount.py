@@ -242,32 +242,17 @@ async def _main(svc, ready, cfg: MountConfig) -> None:
     import pyfuse3
     import trio
 
-    from snapfs.fs import session
+    from snapfs.fs import kernel, session
 
     session.install()
     async with svc.running(refresh=cfg.refresh):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals)
             nursery.start_soon(svc.watch_space)
-            nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint)
+            nursery.start_soon(trio.to_thread.run_sync, kernel.tune, cfg.mountpoint)
             ready(None)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
-
-
-READ_AHEAD_KB = 1024
-
-
-def _raise_readahead(mountpoint: str) -> None:
-    """Ask for 1 MiB readahead on our mount: buffered reads then arrive as 1 MiB requests
-    instead of 256 KiB (PERF-FACTS.md, 5)."""
-    try:
-        dev = os.stat(mountpoint).st_dev
-        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-        with open(path, "w") as f:
-            f.write(str(READ_AHEAD_KB))
-    except OSError as exc:
-        log.info("could not raise readahead: %s", exc)
 
 
 async def _signals() -> None:
