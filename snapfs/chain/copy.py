@@ -37,6 +37,7 @@ async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,
                     await dst.copy_in(img.f, run.host, run.offset, run.length)
                 else:
                     await dst.write(run.offset, await img.read(run.offset, run.length))
+            await dst.start_writeback()  # the closing sync then waits for little
             pos += n
             if on_progress:
                 on_progress(pos, source.size)

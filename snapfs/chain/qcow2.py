@@ -780,6 +780,11 @@ class Qcow2Image:
 
     # -- flushing ------------------------------------------------------------------------
 
+    async def start_writeback(self) -> None:
+        """Start writing what a long copy wrote so far (BlockFile.start_writeback)."""
+        if self.writable and self.data_written and not self.f.closed:
+            await self.f.start_writeback()
+
     async def flush(self) -> None:
         """Make every write so far durable and leave the image clean on disk."""
         if not self.writable or self.f.closed:

@@ -120,6 +120,11 @@ class RawImage:
         self.size = size
         self._dirty = True
 
+    async def start_writeback(self) -> None:
+        """Start writing what a long copy wrote so far (BlockFile.start_writeback)."""
+        if self.writable and self._dirty:
+            await self.f.start_writeback()
+
     async def flush(self) -> None:
         if self.writable and self._dirty:
             await self.f.fdatasync()

@@ -517,15 +517,19 @@ async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
         pos = start
         while pos < end:
             n = min(COPY_CHUNK, end - pos)
+            copied = False
             for kind, off, ln, host in await own_map(src, pos, n):
                 if kind == ex.UNALLOC:
                     continue
+                copied = True
                 if kind == ex.ZERO:
                     await dst.write_zeroes(off, ln)
                 elif kind == ex.DATA and direct:
                     await dst.copy_in(src.f, host, off, ln)
                 else:
                     await dst.write(off, await src.read(off, ln))
+            if copied:
+                await dst.start_writeback()  # the closing sync then waits for little
             pos += n
             done += n
             if on_progress:
