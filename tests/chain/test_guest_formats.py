@@ -4,7 +4,6 @@
 import os
 import subprocess
 
-import trio
 
 from snapfs.chain.service import VolumeService
 

@@ -21,8 +21,7 @@ from tests import qemu
 from tests.mount.conftest import REPO, start
 from tests.mount.workload import (BLOCK, MiB, Writer, assert_same, check_share,
                                   compare_with_share, first_difference, is_mounted,
-                                  lazy_unmount, point_in_time, read_file, scattered, status,
-                                  tick, wait_jobs)
+                                  lazy_unmount, point_in_time, read_file, scattered, tick, wait_jobs)
 from tests.sharefiles import tmp_files
 
 HELPER = os.path.join(REPO, "scripts", "mount.snapfs")
