@@ -136,8 +136,11 @@ def _alternate(rounds: int, ours, theirs) -> dict[str, float]:
 
 def merge_vs_commit(work: str, size: int, delta: int, rounds: int) -> dict[str, float]:
     """MB/s of merging a ``delta`` overlay into the raw base below it: snapfs delete-snapshot
-    of s0 (whose overlay holds the delta, under an empty active overlay) against
-    ``qemu-img commit`` of that overlay, each round on fresh copies of the same share."""
+    of s0 (whose overlay holds the delta, under an empty active overlay) against what
+    Cinder's RemoteFS driver runs for the same request (``_img_commit`` and
+    ``_rebase_img``): ``qemu-img commit -d`` of that overlay, removing it, and
+    ``qemu-img rebase -u`` of the overlay above onto the base.  Both end with the delta in
+    the base and the overlay gone; each round runs on fresh copies of the same share."""
     m = _mount(work, "merge")
     try:
         with Client(m.mnt) as c:
@@ -168,8 +171,13 @@ def merge_vs_commit(work: str, size: int, delta: int, rounds: int) -> dict[str, 
         copy_tree(m.share, share)
         try:
             settle(work)
+            overlay, base = os.path.join(share, "volume-m.s0"), os.path.join(share, "volume-m")
             t = time.perf_counter()
-            run("qemu-img", "commit", "-q", os.path.join(share, "volume-m.s0"))
+            run("qemu-img", "commit", "-q", "-d", overlay)
+            os.unlink(overlay)
+            with open(os.path.join(share, "volume-m.info")) as f:
+                above = os.path.join(share, json.load(f)["active"])
+            run("qemu-img", "rebase", "-u", "-F", "raw", "-b", base, above)
             return time.perf_counter() - t
         finally:
             shutil.rmtree(share)

@@ -48,7 +48,7 @@ def table(r: dict) -> str:
     for op, ms in r["stall_ms"].items():
         lines.append(_row(f"longest 4K writer stall during snapshot {op} (ms)", f"{ms:.1f}",
                           f"<= {STALL_MS:g} ms", _met(ms <= STALL_MS)))
-    for what, peer, key in (("merge (delete-snapshot)", "qemu-img commit", "merge_mbs"),
+    for what, peer, key in (("merge (delete-snapshot)", "qemu-img commit -d + rm + rebase -u", "merge_mbs"),
                             ("clone", "qemu-img convert", "clone_mbs")):
         ours, theirs = r[key]["snapfs"], r[key]["qemu-img"]
         lines.append(_row(f"{what} vs {peer} (MB/s; qsd column: qemu-img)", _num(ours),
