@@ -15,6 +15,22 @@ from snapfs.chain.resolve import resolve
 from snapfs.io import checkpoint
 
 CHUNK = 8 << 20
+WRITEBACK_EVERY = 32 << 20
+
+
+class Writeback:
+    """Starts writing back what a long copy wrote, every WRITEBACK_EVERY bytes, so that the
+    sync ending the copy finds little left to write.  A short copy (an active merge catching
+    up with the guest's last writes, range by range) never pays a call for it."""
+
+    def __init__(self, dst: Image):
+        self.dst, self.written = dst, 0
+
+    async def wrote(self, n: int) -> None:
+        self.written += n
+        if self.written >= WRITEBACK_EVERY:
+            self.written = 0
+            await self.dst.start_writeback()
 
 
 async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,
@@ -28,6 +44,7 @@ async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,
                  else Qcow2Image.open(path, writable=True))
     try:
         pos = 0
+        writeback = Writeback(dst)
         while pos < source.size:
             n = min(CHUNK, source.size - pos)
             for img, run in await resolve(source, pos, n):
@@ -37,7 +54,7 @@ async def clone_image(source: Image, path: str, size: int, fmt: str, mode: int,
                     await dst.copy_in(img.f, run.host, run.offset, run.length)
                 else:
                     await dst.write(run.offset, await img.read(run.offset, run.length))
-            await dst.start_writeback()  # the closing sync then waits for little
+                await writeback.wrote(run.length)
             pos += n
             if on_progress:
                 on_progress(pos, source.size)

@@ -21,6 +21,7 @@ import time
 from snapfs.chain import extent as ex
 from snapfs.chain.catalog import PREFIX, Share, base_name, is_chain_name
 from snapfs.chain.chain import open_chain
+from snapfs.chain.copy import Writeback
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
 from snapfs.chain.qcow2 import Qcow2Image
@@ -512,24 +513,23 @@ async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
     # Into a raw file, the data clusters of a frozen image (none of them freed meanwhile)
     # are copied by the kernel, not read into the daemon and written back.
     direct = isinstance(dst, RawImage) and not src.writable
+    writeback = Writeback(dst)
     for start, length in ranges:
         end = min(start + length, src.size)
         pos = start
         while pos < end:
             n = min(COPY_CHUNK, end - pos)
-            copied = False
             for kind, off, ln, host in await own_map(src, pos, n):
                 if kind == ex.UNALLOC:
                     continue
-                copied = True
                 if kind == ex.ZERO:
                     await dst.write_zeroes(off, ln)
-                elif kind == ex.DATA and direct:
+                    continue
+                if kind == ex.DATA and direct:
                     await dst.copy_in(src.f, host, off, ln)
                 else:
                     await dst.write(off, await src.read(off, ln))
-            if copied:
-                await dst.start_writeback()  # the closing sync then waits for little
+                await writeback.wrote(ln)
             pos += n
             done += n
             if on_progress:
