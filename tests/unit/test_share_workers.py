@@ -1,0 +1,70 @@
+"""The worker threads that run share calls off the loop (snapfs/io.py): every caller gets
+its own result back also when many finish at once, a call the share does not answer in
+time fails with ShareTimeout and leaves the loop working, and a call cancelled before a
+worker took it never runs."""
+
+import threading
+
+import pytest
+import trio
+
+from snapfs import io
+
+
+@pytest.fixture
+def short_timeout():
+    old = io.TIMEOUT
+    io.set_timeout(0.5)
+    yield
+    io.set_timeout(old)
+
+
+def test_each_caller_gets_its_own_result():
+    results = {}
+
+    async def caller(i: int) -> None:
+        for k in range(20):
+            results[(i, k)] = await io._call(False, "echo", lambda a, b: (a, b), i, k)
+
+    async def main():
+        with trio.fail_after(30):  # a result never handed back hangs its caller
+            async with trio.open_nursery() as n:
+                for i in range(40):
+                    n.start_soon(caller, i)
+
+    trio.run(main)
+    assert results == {(i, k): (i, k) for i in range(40) for k in range(20)}
+
+
+def test_unanswered_call_times_out_and_the_loop_goes_on(short_timeout):
+    release = threading.Event()
+
+    async def main():
+        with pytest.raises(io.ShareTimeout, match="stuck: the share did not answer"):
+            with trio.fail_after(5):  # the watchdog, not this, must end the call
+                await io._call(False, "stuck", release.wait)
+        assert await io._call(False, "after", lambda: 42) == 42
+        release.set()
+        await trio.sleep(0.1)  # the stuck call returns unseen
+        assert await io._call(False, "after", lambda: 43) == 43
+
+    trio.run(main)
+
+
+def test_cancelled_call_that_no_worker_took_never_runs():
+    release = threading.Event()
+    ran = []
+
+    async def main():
+        async with trio.open_nursery() as n:
+            for _ in range(io.THREADS):  # every worker busy
+                n.start_soon(io._call, False, "hold", release.wait)
+            await trio.sleep(0.2)
+            with trio.move_on_after(0.1) as scope:
+                await io._call(False, "late", ran.append, 1)
+            assert scope.cancelled_caught
+            release.set()
+        assert await io._call(False, "next", lambda: 7) == 7
+
+    trio.run(main)
+    assert ran == []
