@@ -11,6 +11,7 @@ import bisect
 import json
 import mmap
 import os
+import random
 import shutil
 import statistics
 import threading
@@ -20,7 +21,7 @@ from snapfs.ctl import STATUS, Client
 
 from bench.chains import MIB, fill
 from bench.io_rounds import settle
-from bench.targets import SnapfsMount, SnapfsTarget, active_file, copy_tree, run
+from bench.targets import VID, SnapfsMount, SnapfsTarget, active_file, copy_tree, run
 from bench.workloads import WORKLOADS, fio
 
 
@@ -251,13 +252,28 @@ def daemon_rss(work: str, volumes: int, snapshots: int, size: int) -> float:
         m.close()
 
 
-def slow_share(work: str, share: str, seconds: float, size: int, delay_ms: float
+def slow_share(work: str, seconds: float, size: int, delay_ms: float
                ) -> dict[str, float] | None:
     """Random 4 KiB read IOPS at iodepth 1 and 16 with ``delay_ms`` added to every share I/O
-    (snapfs's ``SNAPFS_IO_DELAY_MS`` seam); None when the daemon ignores the variable, seen
-    as an iodepth 1 rate no delayed read could reach."""
-    os.makedirs(work)
-    t = SnapfsTarget(share, work, env={"SNAPFS_IO_DELAY_MS": f"{delay_ms:g}"})
+    (snapfs's ``SNAPFS_IO_DELAY_MS`` seam) on a volume written in full under one snapshot,
+    so that every read reaches the share (holes of a raw base read as zeros without it);
+    None when the daemon ignores the variable, seen as an iodepth 1 rate no delayed read
+    could reach."""
+    m = _mount(work, "slow-build")
+    try:
+        with Client(m.mnt) as c:
+            c.request("create-volume", volume=VID, size=size)
+            rng = random.Random(11)
+            with open(os.path.join(m.mnt, f"volume-{VID}"), "r+b") as f:
+                for _ in range(size // MIB):
+                    f.write(rng.randbytes(MIB))
+                os.fsync(f.fileno())
+            c.request("create-snapshot", volume=VID, snapshot="s0")
+    finally:
+        m.close()
+    os.makedirs(os.path.join(work, "slow"))
+    t = SnapfsTarget(m.share, os.path.join(work, "slow"),
+                     env={"SNAPFS_IO_DELAY_MS": f"{delay_ms:g}"})
     try:
         qd1 = fio(t.path, WORKLOADS["rand-read-4K-qd1"], True, seconds, size)
         if qd1 > 1000 / delay_ms:
