@@ -89,6 +89,9 @@ class _Workers:
                 continue
             job.home.finished(job, outcome.capture(job.fn, *job.args))
 
+    # KeyboardInterrupt between handing the job over and waiting for it would leave a job
+    # that reschedules a task no longer waiting for it.
+    @trio.lowlevel.enable_ki_protection
     async def run(self, what: str, fn, *args):
         """``fn(*args)`` in a worker; ShareTimeout if it has not returned within TIMEOUT."""
         if self.started < self.n:
@@ -97,6 +100,15 @@ class _Workers:
         home = _Home.current()
         job = _Job(what, fn, args, trio.lowlevel.current_task(), home,
                    trio.current_time() + TIMEOUT)
+        if home.watching:
+            return await self._wait(job)
+        # The run is ending and its watchdog is gone: a cancel scope times this call out.
+        with trio.move_on_after(TIMEOUT):
+            return await self._wait(job)
+        raise job.timed_out()
+
+    async def _wait(self, job: "_Job"):
+        home = job.home
         home.pending.add(job)
         self.jobs.put(job)
 
@@ -116,6 +128,9 @@ class _Job:
         self.home, self.deadline = home, deadline
         self.abandoned = False
 
+    def timed_out(self) -> ShareTimeout:
+        return ShareTimeout(f"{self.what}: the share did not answer within {TIMEOUT:g} s")
+
 
 _HOME: trio.lowlevel.RunVar = trio.lowlevel.RunVar("snapfs_io_home")
 
@@ -133,6 +148,8 @@ class _Home:
         self.pending: set[_Job] = set()
         self.done: collections.deque = collections.deque()
         self.collect_due = False
+        self.watching = False  # the watchdog runs (not before the first call, nor after the
+        #                        run's main task ended)
 
     @classmethod
     def current(cls) -> "_Home":
@@ -141,7 +158,11 @@ class _Home:
         except LookupError:
             home = cls(trio.lowlevel.current_trio_token())
             _HOME.set(home)
-            trio.lowlevel.spawn_system_task(home._watch, name="snapfs share-call watchdog")
+            try:
+                trio.lowlevel.spawn_system_task(home._watch, name="snapfs share-call watchdog")
+                home.watching = True
+            except RuntimeError:  # the run is ending: calls time themselves out
+                pass
             return home
 
     def finished(self, job: _Job, result) -> None:
@@ -165,14 +186,16 @@ class _Home:
                 trio.lowlevel.reschedule(job.task, result)
 
     async def _watch(self) -> None:
-        while True:
-            await trio.sleep(min(1.0, TIMEOUT / 10))
-            now = trio.current_time()
-            for job in [j for j in self.pending if j.deadline <= now]:
-                job.abandoned = True
-                self.pending.discard(job)
-                err = ShareTimeout(f"{job.what}: the share did not answer within {TIMEOUT:g} s")
-                trio.lowlevel.reschedule(job.task, outcome.Error(err))
+        try:
+            while True:
+                await trio.sleep(min(1.0, TIMEOUT / 10))
+                now = trio.current_time()
+                for job in [j for j in self.pending if j.deadline <= now]:
+                    job.abandoned = True
+                    self.pending.discard(job)
+                    trio.lowlevel.reschedule(job.task, outcome.Error(job.timed_out()))
+        finally:
+            self.watching = False
 
 
 _WORKERS = _Workers(THREADS)

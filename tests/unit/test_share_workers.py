@@ -68,3 +68,37 @@ def test_cancelled_call_that_no_worker_took_never_runs():
 
     trio.run(main)
     assert ran == []
+
+
+def test_calls_made_after_the_main_task_ended_still_time_out(short_timeout):
+    """An async generator trio finalizes after the main task returned (its watchdog is gone
+    then) still gets ShareTimeout from a call the share does not answer."""
+    release = threading.Event()
+    seen = []
+
+    async def cleanup_on_close():
+        try:
+            yield 1
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await io._call(False, "cleanup", release.wait)
+                    seen.append("returned")
+                except io.ShareTimeout as exc:
+                    seen.append(str(exc))
+
+    async def main():
+        await io._call(False, "warm", lambda: 1)  # the watchdog starts
+        gen = cleanup_on_close()
+        await gen.__anext__()
+        keep.append(gen)  # left suspended: finalized once the main task returned
+
+    keep: list = []
+    unstick = threading.Timer(5, release.set)  # without a timeout the call returns then
+    unstick.start()
+    try:
+        trio.run(main)
+    finally:
+        unstick.cancel()
+        release.set()
+    assert seen == ["cleanup: the share did not answer within 0.5 s"]
