@@ -85,11 +85,12 @@ class SnapfsMount:
     """``mount.snapfs SHARE MNT --foreground`` as a child; ``env`` adds variables (the slow
     share's injected delay).  ``close()`` records what the daemon logged above INFO."""
 
-    def __init__(self, share: str, mnt: str, log: str, env: dict | None = None):
+    def __init__(self, share: str, mnt: str, log: str, env: dict | None = None,
+                 options: str = ""):
         self.share, self.mnt, self.log = share, mnt, log
         os.makedirs(mnt, exist_ok=True)
         argv = [sys.executable, "-m", "snapfs.mount", share, mnt, "--foreground",
-                "-o", f"log={log}"]
+                "-o", f"log={log}" + (f",{options}" if options else "")]
         with open(log + ".stderr", "w") as err:
             self.proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=REPO, **(env or {})),
                                          stdout=subprocess.DEVNULL, stderr=err,
@@ -143,11 +144,11 @@ class Target:
 class SnapfsTarget(Target):
     name = "snapfs"
 
-    def __init__(self, share: str, work: str, env: dict | None = None):
+    def __init__(self, share: str, work: str, env: dict | None = None, options: str = ""):
         self.share = os.path.join(work, "share")
         copy_tree(share, self.share)
         self.mount = SnapfsMount(self.share, os.path.join(work, "mnt"),
-                                 os.path.join(work, "snapfs.log"), env)
+                                 os.path.join(work, "snapfs.log"), env, options)
         self.path = os.path.join(self.mount.mnt, f"volume-{VID}")
 
     def close(self) -> None:

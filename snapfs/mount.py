@@ -51,6 +51,7 @@ class MountConfig:
     host_id: str | None = None  # this daemon's name on the share (default: the host name)
     refresh: float = 1.0  # seconds between looks for what other daemons changed
     owner_timeout: float = 10.0  # seconds a request waits for another host's daemon to take it
+    busy_poll: float = 50.0  # microseconds the request loop spins for the next request
 
 
 class UsageError(Exception):
@@ -120,6 +121,8 @@ def parse_args(argv: list[str]) -> MountConfig:
                 cfg.refresh = float(value)
             elif key == "owner_timeout" and float(value) > 0:
                 cfg.owner_timeout = float(value)
+            elif key == "busy_poll" and 0 <= float(value) <= 1000:
+                cfg.busy_poll = float(value)
             else:
                 raise UsageError(f"unknown option {opt!r}")
         except ValueError:
@@ -226,7 +229,7 @@ def serve(cfg: MountConfig, ready) -> int:
     log.info("serving %s at %s", cfg.share, cfg.mountpoint)
     clean = False
     try:
-        trio.run(_main, svc, ready, cfg)
+        trio.run(_main, svc, ops, ready, cfg)
         clean = True
     except BaseException:
         log.exception("daemon stopped on an error")
@@ -238,13 +241,13 @@ def serve(cfg: MountConfig, ready) -> int:
     return 0
 
 
-async def _main(svc, ready, cfg: MountConfig) -> None:
+async def _main(svc, ops, ready, cfg: MountConfig) -> None:
     import pyfuse3
     import trio
 
     from snapfs.fs import kernel, session
 
-    session.install()
+    ops.request_loop = session.install(cfg.busy_poll)
     async with svc.running(refresh=cfg.refresh):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals)

@@ -105,6 +105,7 @@ class Operations(pyfuse3.Operations):
         self.requests: dict[str, int] = {}  # request file name -> open descriptors
         self.request_owner: dict[str, tuple[int, int]] = {}
         self.started = time.time()
+        self.request_loop = None  # the device reader (snapfs.fs.session), when installed
         svc.on_change = self.others_changed
 
     # -- attributes ------------------------------------------------------------------------
@@ -535,8 +536,9 @@ class Operations(pyfuse3.Operations):
     # -- status ----------------------------------------------------------------------------
 
     async def status(self) -> dict:
+        loop = {"request_loop": self.request_loop.stats()} if self.request_loop else {}
         return {"version": __version__, "mountpoint": self.opts.mountpoint,
-                **await self.svc.status()}
+                **await self.svc.status(), **loop}
 
 
 async def _invalidate(fn, *args) -> None:

@@ -192,6 +192,8 @@ def test_daemonized_sigterm_unmounts(tmp_path, helper_mounts):
     (["-o", "no_such_option"], "no_such_option"),
     (["-o", "rw,uid=abc"], "uid"),
     (["-o", "unrecorded_format=vmdk"], "unrecorded_format"),
+    (["-o", "busy_poll=-5"], "busy_poll"),
+    (["-o", "busy_poll=soon"], "busy_poll"),
     (["--no-such-flag"], "no-such-flag"),
 ])
 def test_bad_options_are_refused_with_one_line(tmp_path, args, word):

@@ -2,9 +2,12 @@
 
 The daemon says it took over pyfuse3's wait (its quick path is then in use); with sixteen
 O_DIRECT readers keeping the queue full, control requests, status reads, listings and
-unmounting still get their turn, and every read returns the volume's bytes.  That the quick
-path is faster is the bench's business, not a test's."""
+unmounting still get their turn, and every read returns the volume's bytes.  A reader that
+sends one request at a time has its requests caught by the loop's spin (counted in
+``.snapfs/status``), and ``busy_poll=0`` turns the spin off.  That either is faster is the
+bench's business, not a test's."""
 
+import json
 import mmap
 import os
 import random
@@ -12,6 +15,8 @@ import signal
 import threading
 
 from snapfs.ctl import Client
+from snapfs.fs import session
+from tests.mount.conftest import start
 from tests.mount.workload import is_mounted
 
 MiB = 1 << 20
@@ -116,3 +121,91 @@ def test_sigterm_under_a_full_queue_unmounts_cleanly(mounted):
         assert mounted.proc.wait(30) == 0, mounted.log_text()[-3000:]
     assert not is_mounted(mounted.mnt)
     assert not h.wrong, h.wrong[0]
+
+
+def _one_at_a_time(path: str, data: bytes, count: int) -> None:
+    """``count`` O_DIRECT 4 KiB reads, each sent when the one before returned."""
+    buf = mmap.mmap(-1, BLOCK)
+    rnd = random.Random(3)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for _ in range(count):
+            off = rnd.randrange(SIZE // BLOCK) * BLOCK
+            assert os.preadv(fd, [buf], off) == BLOCK
+            assert buf[:] == data[off:off + BLOCK]
+    finally:
+        os.close(fd)
+
+
+def _loop_status(m) -> dict:
+    with open(m.path(".snapfs", "status")) as f:
+        return json.load(f)["request_loop"]
+
+
+def test_requests_one_at_a_time_are_caught_by_spinning(mounted):
+    data = _volume(mounted)
+    before = _loop_status(mounted)
+    assert before["busy_poll_us"] == session.BUSY_POLL_US
+    _one_at_a_time(mounted.path("volume-v"), data, 5000)
+    after = _loop_status(mounted)
+    assert after["caught_by_spinning"] > before["caught_by_spinning"], after
+    assert "spinning up to 50 us for the next one" in mounted.log_text()
+
+
+def test_busy_poll_0_never_spins(tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    m = start(share, tmp_path / "mnt", "busy_poll=0")
+    try:
+        data = _volume(m)
+        _one_at_a_time(m.path("volume-v"), data, 2000)
+        loop = _loop_status(m)
+        assert loop == {"busy_poll_us": 0, "spin_us": 0, "caught_by_spinning": 0,
+                        "missed_by_spinning": 0}, loop
+        assert "no busy polling" in m.log_text()
+    finally:
+        m.unmount()
+
+
+class _Device:
+    """A pipe standing in for /dev/fuse: a byte in it is a queued request."""
+
+    def __enter__(self):
+        self.r, self.w = os.pipe()
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.r)
+        os.close(self.w)
+
+
+async def _no_stock_wait():
+    raise AssertionError("the reader slept although a request was queued")
+
+
+def test_spin_shrinks_for_requests_far_apart_and_grows_back():
+    with _Device() as dev:
+        r = session.Reader(dev.r, _no_stock_wait, busy_poll_us=40)
+        assert r.spin == 40e-6
+        steps = []
+        for _ in range(6):  # a slow share or an idle guest: sleeps of a millisecond
+            r._adapt(1e-3)
+            steps.append(r.spin)
+        assert steps[:3] == [20e-6, 10e-6, 5e-6] and steps[3:] == [0.0] * 3, steps
+        for _ in range(5):  # requests one at a time again
+            r._adapt(20e-6)
+        assert r.spin == 40e-6
+        r._adapt(session.SLEEP_COST * 40e-6 + 1e-6)
+        assert r.spin == 20e-6
+
+
+def test_a_queued_request_is_taken_without_sleeping():
+    import trio
+
+    async def main():
+        with _Device() as dev:
+            r = session.Reader(dev.r, _no_stock_wait, busy_poll_us=0)
+            os.write(dev.w, b"x")
+            for _ in range(3 * session.FAST_STREAK):  # checkpoints between streaks too
+                assert await r.wait()
+    trio.run(main)
