@@ -248,12 +248,7 @@ class BlockFile:
         self.inline = inline
         self.closed = False
         self.relock = None  # called with the new descriptor after a reopen
-        st = os.fstat(fd)
-        self.ino = st.st_ino  # a reopen must find the same file, not a successor
-        # Every byte from here on reads as zeros: the file's end at open, moved by what this
-        # descriptor writes (counted before the call: a failed write may have written part).
-        # The engine owns its files while it writes them, so nothing else moves it.
-        self.zero_from = st.st_size
+        self.ino = os.fstat(fd).st_ino  # a reopen must find the same file, not a successor
         self._busy = 0  # calls running in worker threads
         self._mutex = threading.Lock()
 
@@ -347,7 +342,6 @@ class BlockFile:
 
     async def pwrite(self, offset: int, data) -> None:
         view = memoryview(data)
-        self.zero_from = max(self.zero_from, offset + len(view))
         while len(view):
             n = await self._run("write", os.pwrite, view, offset)
             view = view[n:]
@@ -356,7 +350,6 @@ class BlockFile:
     async def pwritev(self, offset: int, buffers) -> None:
         """Write ``buffers`` one after the other from ``offset``, without joining them."""
         views = [memoryview(b) for b in buffers]
-        self.zero_from = max(self.zero_from, offset + sum(len(v) for v in views))
         while views:
             n = await self._run("write", os.pwritev, views[:IOV_MAX], offset)
             offset += n
@@ -380,7 +373,6 @@ class BlockFile:
 
     async def truncate(self, size: int) -> None:
         await self._run("truncate", os.ftruncate, size)
-        self.zero_from = min(self.zero_from, size)  # a grown end reads as zeros
 
     async def size(self) -> int:
         st = await self._run("stat", os.fstat)
@@ -459,8 +451,6 @@ async def copy_range(src: "BlockFile", src_off: int, dst: "BlockFile", dst_off: 
     """Copy bytes between share files with ``copy_file_range`` (in the kernel; on NFS 4.2 on
     the server), or by reading and writing where it is not supported.  Returns the bytes
     copied: fewer only where the source file ends."""
-    dst.zero_from = max(dst.zero_from, dst_off + length)
-
     def copy() -> int:
         s, d, left = src_off, dst_off, length
         while left:

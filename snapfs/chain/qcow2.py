@@ -20,7 +20,7 @@ import zlib
 from collections import OrderedDict
 
 from snapfs.chain import extent as ex
-from snapfs.chain.extent import Extent, all_zeros, zeros
+from snapfs.chain.extent import Extent, zeros
 from snapfs.chain.format import (
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD,
     EXT_BACKING_FORMAT, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED,
@@ -515,9 +515,9 @@ class Qcow2Image:
             l2off, table, idx = await self._l2_for_write(ci)
             entry, bitmap = self._entry(table, idx)
             chunk = data[pos - offset:wend - offset]
-            host, new_entry, new_bitmap, pieces = await self._plan_cluster(
+            host, new_entry, new_bitmap, payload_off, payload = await self._plan_cluster(
                 entry, bitmap, cstart, pos, wend, chunk, frees)
-            writes.extend((host + off, piece) for off, piece in pieces)
+            writes.append((host + payload_off, payload))
             if (new_entry, new_bitmap) != (entry, bitmap):
                 updates.append((l2off, table, idx, new_entry, new_bitmap))
             pos = wend
@@ -527,34 +527,29 @@ class Qcow2Image:
         self.pending_frees.extend(frees)
 
     async def _plan_cluster(self, entry: int, bitmap: int, cstart: int, pos: int, wend: int,
-                            chunk, frees: list) -> tuple[int, int, int, list]:
+                            chunk, frees: list) -> tuple[int, int, int, int, bytes]:
         """Decide where one cluster's part of a write goes.
 
-        Returns (host cluster, new L2 entry, new bitmap, [(offset in the cluster, bytes)])."""
+        Returns (host cluster, new L2 entry, new bitmap, offset in the cluster, bytes)."""
         compressed = entry & OFLAG_COMPRESSED
         host = 0 if compressed else self._host(entry)
         owned = bool(host) and bool(entry & OFLAG_COPIED)
         if not self.ext:
             if owned and not entry & OFLAG_ZERO:
-                return host, entry, 0, [(pos - cstart, chunk)]
+                return host, entry, 0, pos - cstart, chunk
             if owned:  # a preallocated zero cluster: reuse it, zeros around the write
                 payload = await self._fill(cstart, pos, wend, chunk, zero_fill=True)
-                return host, host | OFLAG_COPIED, 0, [(0, payload)]
+                return host, host | OFLAG_COPIED, 0, 0, payload
             payload = await self._fill(cstart, pos, wend, chunk, zero_fill=False)
             self._free_entry(entry, frees)
             new = await self.refs.alloc(1)
-            if payload is None:
-                return new, new | OFLAG_COPIED, 0, self._over_zeros(new, cstart, pos, wend, chunk)
-            return new, new | OFLAG_COPIED, 0, [(0, payload)]
+            return new, new | OFLAG_COPIED, 0, 0, payload
         alloc, zero = bitmap & ALL_SUBCLUSTERS, bitmap >> 32
         if compressed or (host and not owned):
             payload = await self._fill(cstart, pos, wend, chunk, zero_fill=False)
             self._free_entry(entry, frees)
             new = await self.refs.alloc(1)
-            if payload is None:
-                return new, new | OFLAG_COPIED, ALL_SUBCLUSTERS, \
-                    self._over_zeros(new, cstart, pos, wend, chunk)
-            return new, new | OFLAG_COPIED, ALL_SUBCLUSTERS, [(0, payload)]
+            return new, new | OFLAG_COPIED, ALL_SUBCLUSTERS, 0, payload
         sc = 1 << self.sc_bits
         s0 = (pos - cstart) >> self.sc_bits
         s1 = (wend - cstart - 1) >> self.sc_bits
@@ -570,41 +565,20 @@ class Qcow2Image:
         if not host:
             host = await self.refs.alloc(1)
         new_bitmap = (alloc | touched) | ((zero & ~touched) << 32)
-        return host, host | OFLAG_COPIED, new_bitmap, [(head_start - cstart, payload)]
-
-    def _over_zeros(self, new: int, cstart: int, pos: int, wend: int, chunk) -> list:
-        """A new cluster whose content around the write reads as zeros.
-
-        Where the file has never held anything (past its end) only the guest's bytes are
-        written, and a zero as the cluster's last byte so that the file covers the cluster
-        (as qemu's zeroing of the same clusters leaves it): a 4 KiB copy-on-write over a
-        hole then writes 4 KiB, not 64 KiB of which 60 are zeros, and the flush has that
-        much less to sync.  A reused cluster may hold old bytes: it is written whole."""
-        cs = self.cs
-        if new < self.f.zero_from:
-            return [(0, zeros(pos - cstart) + bytes(chunk) + zeros(cstart + cs - wend))]
-        pieces = [(pos - cstart, chunk)]
-        if wend < cstart + cs:
-            pieces.append((cs - 1, b"\0"))
-        return pieces
+        return host, host | OFLAG_COPIED, new_bitmap, head_start - cstart, payload
 
     def _cluster_limit(self, cstart: int) -> int:
         return min(cstart + self.cs, self.size)
 
-    async def _fill(self, cstart: int, pos: int, wend: int, chunk, zero_fill: bool
-                    ) -> bytes | bytearray | None:
-        """A whole cluster's new content: the write, with the current content around it.
-        None when that content reads as zeros (the caller decides how to write that)."""
+    async def _fill(self, cstart: int, pos: int, wend: int, chunk, zero_fill: bool) -> bytes:
+        """A whole cluster's new content: the write, with the current content around it."""
         limit = self._cluster_limit(cstart)
         if pos == cstart and wend >= limit:  # the whole cluster: the guest's bytes as they are
             return chunk if wend == cstart + self.cs else bytes(chunk) + zeros(cstart + self.cs - wend)
         if zero_fill:
             return zeros(pos - cstart) + bytes(chunk) + zeros(cstart + self.cs - wend)
         # one read of the cluster's current content, the write laid over it
-        current = await self._read_own(cstart, limit - cstart)
-        if all_zeros(current):
-            return None
-        cluster = bytearray(current)
+        cluster = bytearray(await self._read_own(cstart, limit - cstart))
         cluster[pos - cstart:wend - cstart] = chunk
         if len(cluster) < self.cs:
             cluster += zeros(self.cs - len(cluster))
