@@ -1,10 +1,10 @@
 """``python -m bench [--quick] [--json PATH] [--workdir DIR]``: every figure of issue 7 in one
 run.
 
-First the I/O workloads on chains of each depth, interleaved over the targets; then the
-control operations and their qemu-img peers; then the slow share.  Progress goes to stderr,
-the markdown table to stdout, every number (and each round's sample) to the JSON file.  All
-mounts are gone and the work directory is removed when this returns, also after an error,
+First the I/O workloads on chains of each depth, interleaved over the targets and the depths;
+then the control operations and their qemu-img peers; then the slow share.  Progress goes to
+stderr, the markdown table to stdout, every number (and each round's sample) to the JSON file.
+All mounts are gone and the work directory is removed when this returns, also after an error,
 Ctrl-C or SIGTERM.
 """
 
@@ -51,17 +51,18 @@ def environment() -> dict:
 
 def measure_all(work: str, p: dict) -> dict:
     results: dict = {"io": {}, "samples": {}}
+    chains = {}
     for depth in p["depths"]:
-        share = os.path.join(work, f"chain-{depth}")
+        share = chains[f"depth {depth}"] = os.path.join(work, f"chain-{depth}")
         say(f"building a {p['size'] // MIB} MiB volume with {p['written'] // MIB} MiB written "
             f"over {depth} snapshot(s)")
         build_chain(share, os.path.join(work, f"build-{depth}"), p["size"], p["written"], depth)
-        targets_dir = os.path.join(work, f"targets-{depth}")
-        samples = rounds(share, targets_dir, list(KINDS), p["runs"], p["seconds"], p["size"],
-                         lambda m, d=depth: say(f"depth {d} {m}"))
-        shutil.rmtree(targets_dir)
-        results["samples"][str(depth)] = samples
-        results["io"][str(depth)] = medians(samples)
+    targets_dir = os.path.join(work, "targets")
+    samples = rounds(chains, targets_dir, list(KINDS), p["runs"], p["seconds"], p["size"], say)
+    shutil.rmtree(targets_dir)
+    for depth in p["depths"]:
+        results["samples"][str(depth)] = samples[f"depth {depth}"]
+        results["io"][str(depth)] = medians(samples[f"depth {depth}"])
     say(f"snapshot create latency (median of {p['snap_count']})")
     results["snapshot_ms"] = ops.snapshot_latency(
         os.path.join(work, "op-latency"), {"1 GiB": GIB, "1 TiB": 1 << 40}, p["snap_count"])
