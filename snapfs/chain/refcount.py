@@ -103,18 +103,17 @@ class Refcounts:
         raw = await self.f.pread(self.table_offset, self.table_clusters * self.cs)
         if len(raw) < self.table_clusters * self.cs:
             raise Corrupt("refcount table is truncated")
-        entries = struct.unpack(f">{len(raw) // 8}Q", raw)
+        # Kept up to its last block only: most tables are one cluster of zeros with a few
+        # entries in front, and hundreds of open images would each hold a 64 KiB list (and
+        # opening a chain of them would check thousands of zeros, one at a time).
+        used = -(-_used_length(raw) // 8)
+        entries = struct.unpack(f">{used}Q", raw[:used * 8])
         for i, e in enumerate(entries):
             if e & REFT_RESERVED:
                 raise Corrupt(f"refcount table entry {i} has reserved bits set")
             if e and e & (self.cs - 1):
                 raise Corrupt(f"refcount block {i} offset 0x{e:x} is not cluster aligned")
-        # Kept up to its last block only: most tables are one cluster of zeros with a few
-        # entries in front, and hundreds of open images would each hold a 64 KiB list.
-        n = len(entries)
-        while n and not entries[n - 1]:
-            n -= 1
-        self.table = list(entries[:n])
+        self.table = list(entries)
 
     def set_entry(self, bi: int, off: int) -> None:
         """Point refcount table entry ``bi`` at a block (the list grows as needed)."""
@@ -296,3 +295,15 @@ class Refcounts:
                 break
             if bi not in self.dirty:
                 del self.blocks[bi]
+
+
+_ZERO_PAGE = bytes(4096)
+
+
+def _used_length(raw: bytes) -> int:
+    """The length of ``raw`` without its trailing zero bytes (whole zero pages compared at
+    memcmp speed first: rstrip looks at one byte at a time)."""
+    n = len(raw)
+    while n >= 4096 and raw[n - 4096:n] == _ZERO_PAGE:
+        n -= 4096
+    return len(raw[:n].rstrip(b"\0"))

@@ -741,6 +741,15 @@ HEADER_CASES = [
     _header_case("v3_64k", "l1-size-zero", lambda p, L: patch_field(p, "l1_size", 0)),
     _header_case("v2_512", "l1-size-too-small",
                  lambda p, L: patch_field(p, "l1_size", L.h["l1_size"] - 1)),
+    # the last entry of the table, after the zeros (the table is read up to its last block)
+    _header_case("v3_64k", "reftable-last-entry-reserved-bits",
+                 lambda p, L: patch(p, L.h["refcount_table_offset"]
+                                    + L.h["refcount_table_clusters"] * L.cs - 8, ">Q", 1),
+                 CORRUPT),
+    _header_case("v3_64k", "reftable-last-entry-unaligned",
+                 lambda p, L: patch(p, L.h["refcount_table_offset"]
+                                    + L.h["refcount_table_clusters"] * L.cs - 8, ">Q",
+                                    L.cs + 512), CORRUPT),
     _header_case("v3_64k", "refcount-table-offset-zero",
                  lambda p, L: patch_field(p, "refcount_table_offset", 0)),
     _header_case("v3_64k", "refcount-table-offset-beyond-eof",
