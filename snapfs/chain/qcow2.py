@@ -29,7 +29,7 @@ from snapfs.chain.format import (
 from snapfs.chain.locks import lock_for_writing
 from snapfs.chain.refcount import Refcounts
 from snapfs.errors import Corrupt, Invalid, ReadOnly, SnapfsError, Unsupported
-from snapfs.io import BlockFile, Event, Lock, Replaced, acquire_quickly
+from snapfs.io import BlockFile, Event, Lock, Replaced, acquire_quickly, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,37 @@ class Qcow2Image:
                 self._map_cluster(out, entry, bitmap, cstart, pos, cend)
                 pos = cend
         return out
+
+    async def stored_bytes(self) -> int:
+        """Guest bytes this image itself stores (data and compressed clusters).
+
+        Counted one L2 table at a time from the unpacked entries, with a pass through the
+        scheduler after each: a merge chooses its direction from this with guest I/O going
+        on, and mapping a 512 MiB image run by run held the loop for 40 ms."""
+        total = 0
+        width = 16 if self.ext else 8
+        per_table = self.cs // width
+        clusters = -(-self.size // self.cs)
+        for l1i, l1e in enumerate(self.l1):
+            l2off = l1e & OFFSET_MASK
+            n = min(per_table, clusters - l1i * per_table)
+            if not l2off or n <= 0:
+                continue
+            table = await self._l2_table(l2off)
+            if self.ext:
+                words = struct.unpack_from(f">{2 * n}Q", table)
+                for entry, bitmap in zip(words[0::2], words[1::2]):
+                    if entry & OFLAG_COMPRESSED:
+                        total += self.cs
+                    elif bitmap & ALL_SUBCLUSTERS:
+                        total += (bitmap & ALL_SUBCLUSTERS).bit_count() << self.sc_bits
+            else:
+                for entry in filter(None, struct.unpack_from(f">{n}Q", table)):
+                    if entry & OFLAG_COMPRESSED or (entry & OFFSET_MASK
+                                                    and not entry & OFLAG_ZERO):
+                        total += self.cs
+            await checkpoint()
+        return total
 
     def _map_cluster(self, out: list[Extent], entry: int, bitmap: int, cstart: int, pos: int,
                      end: int) -> None:

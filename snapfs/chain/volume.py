@@ -579,6 +579,8 @@ def _overlaps(offset: int, length: int, ranges) -> list[tuple[int, int]]:
 
 async def own_bytes(img: Image) -> int:
     """Bytes ``img`` itself stores: what merging it in either direction must copy."""
+    if isinstance(img, Qcow2Image):
+        return await img.stored_bytes()
     return sum(r.length for r in await own_map(img, 0, img.size)
                if r.kind in (ex.DATA, ex.COMPRESSED))
 

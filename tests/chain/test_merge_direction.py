@@ -239,3 +239,41 @@ def test_recovery_finishes_an_interrupted_stream_up(tmp_path: Path, shape: str, 
         assert ino(root, lower) == merged
 
     trio.run(recover)
+
+
+@pytest.mark.parametrize("cs,extl2", [(65536, False), (65536, True), (4096, False),
+                                      (512, False)])
+def test_stored_bytes_match_qemu_img_map(tmp_path, cs, extl2):
+    """What the direction is chosen from: the bytes an overlay itself stores, as
+    ``qemu-img map`` counts them (data at depth 0), for writes of every shape: partial
+    clusters (subclusters with extended L2), zero writes on allocated and unallocated
+    clusters, compressed clusters, overwrites."""
+    from snapfs.chain.qcow2 import Qcow2Image
+
+    size = 8 * MIB
+    base = str(tmp_path / "base.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    qemu.create(base, size, f"cluster_size={cs}")
+    qemu.io(base, f"write -P 1 0 {size}")
+    qemu.create(top, size, f"cluster_size={cs}", f"extended_l2={'on' if extl2 else 'off'}",
+                backing=base, backing_fmt="qcow2")
+    rng = random.Random(cs + extl2)
+    # compressed first: qemu writes them only into clusters the image does not hold yet
+    qemu.io(top, *(f"write -c -P 7 {c * cs} {cs}"
+                   for c in rng.sample(range(size // cs), 12)))
+    cmds = []
+    for _ in range(50):
+        off = rng.randrange(0, size - 65536) & ~511
+        n = rng.randrange(1, 129) * 512
+        cmds.append(f"write -P 9 {off} {n}" if rng.randrange(3) else f"write -z {off} {n}")
+    qemu.io(top, *cmds)
+    expected = sum(e["length"] for e in qemu.map_(top) if e["depth"] == 0 and e["data"])
+
+    async def count() -> int:
+        img = await Qcow2Image.open(top)
+        try:
+            return await img.stored_bytes()
+        finally:
+            await img.close()
+
+    assert trio.run(count) == expected
