@@ -60,6 +60,7 @@ class Volume:
         self.reload = None  # async callable: a follower reads its chain again (the service)
         self.settling = None  # an Event while an active merge's switch is made durable
         self.switch_failed: str | None = None  # ... and why that failed: flushes fail
+        self.unflushed: Image | None = None  # frozen by a snapshot, not yet durable
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class Volume:
         self.writable = writable
         self.fresh_at = time.monotonic()
         self.mirror = None
+        self.unflushed = None
         self._remap()
 
     def adopt(self, fresh: "Volume") -> None:
@@ -238,17 +240,36 @@ class Volume:
 
     async def flush(self) -> None:
         if self.settling is not None:
-            await self.settling.wait()  # a merge's switch is being made durable
+            await self.settling.wait()  # a snapshot's or a merge's switch is made durable
         try:
             if self.switch_failed:
                 raise ShareIOError(self.switch_failed)
             async with self.gate.shared():
                 if not self.writable:
                     return  # a follower holds nothing unwritten
+                if self.unflushed is not None:
+                    await self._flush_unflushed()
                 await self.top.flush()
         except SnapfsError as exc:
             self._io_failed("flush", exc)
             raise
+
+    async def _flush_unflushed(self) -> None:
+        """Try again to make durable the image a snapshot froze, which holds writes that
+        guest flushes cover; it is frozen once that works."""
+        img = self.unflushed
+        await img.finish_writing()
+        if self.unflushed is img:
+            self.unflushed = None
+            freeze(img)
+
+    async def settle_unflushed(self) -> None:
+        """Before the chain changes again: the image an earlier snapshot could not flush
+        must be durable first (a merge reopens it from the share)."""
+        if self.unflushed is not None:
+            async with self.gate.shared():
+                if self.unflushed is not None:
+                    await self._flush_unflushed()
 
     async def resize(self, size: int) -> None:
         async with self.gate.shared():
@@ -275,11 +296,14 @@ class Volume:
     async def push_overlay(self, name: str) -> None:
         """Freeze the active image and put a new empty overlay on top (a snapshot).
 
-        The overlay is created and the active image flushed before guest I/O pauses, which
-        covers only the switch; the writes that arrived meanwhile are flushed after it."""
+        Guest I/O pauses only for the switch.  The old image is flushed after it, while
+        guest writes already go to the new overlay: flushing it before, under its lock, held
+        every guest write back for its syncs (tens of milliseconds).  Guest flushes wait
+        until the old image is durable (``settling``), since it holds writes they cover;
+        if it cannot be made durable, they keep trying it and fail while it fails."""
         from snapfs.chain.image import create_qcow2
+        await self.settle_unflushed()
         top = self.top
-        await top.flush()
         path = self.share.path(name)
         await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
                            backing_format=top.format, mode=self.share.file_mode,
@@ -291,6 +315,7 @@ class Volume:
                 new.backing = top
                 self.images.append(new)
                 self._remap()
+                self.settling = Event()
         except BaseException:
             if new is None or new not in self.images:
                 if new is not None:
@@ -300,14 +325,25 @@ class Volume:
             raise
         # No guest write reaches the old image any more: make it durable with I/O going on.
         try:
-            await top.finish_writing()
+            await self._settle_frozen(top)
         except SnapfsError as exc:
             # The snapshot stands (guest writes already go above it); the image keeps its
-            # caches and stays open for writing, so closing it flushes them again.
+            # caches and stays open for writing: guest flushes and its close try again.
             log.error("volume %s: flushing %s after the snapshot failed: %s", self.vid,
                       os.path.basename(top.path), exc.message)
-            return
-        freeze(top)
+            self.unflushed = top
+
+    async def _settle_frozen(self, img: Image) -> None:
+        """Make an image that guest writes no longer reach durable and freeze it; guest
+        flushes wait for this."""
+        settling = self.settling
+        try:
+            await img.finish_writing()
+            freeze(img)
+        finally:
+            self.settling = None
+            if settling is not None:
+                settling.set()
 
     async def commit_down(self, name: str, on_progress=None, on_switch=None) -> None:
         """Merge file ``name`` into the image below it and drop it from the chain.
@@ -318,6 +354,7 @@ class Volume:
         ``on_switch`` (recording the new active file) runs after the lower image is durable,
         and guest flushes wait for both: until then a crash would merge ``name`` down again
         over writes made since, which is allowed only for writes no flush acknowledged."""
+        await self.settle_unflushed()
         i = self.names().index(name)
         if i == 0:
             raise Invalid("the base file cannot be merged down")
@@ -420,6 +457,7 @@ class Volume:
         I/O continues), is pointed at the lower file's backing, and is renamed over the lower
         file; the image above it is pointed at the new name.  The result on the share is the
         one a commit down leaves (CONTRACT.md section 1), reached by copying the smaller side."""
+        await self.settle_unflushed()
         i = self.names().index(name)
         upper_ro, lower = self.images[i], self.images[i - 1]
         if i == 0 or not isinstance(lower, Qcow2Image):

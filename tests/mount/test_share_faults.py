@@ -127,6 +127,38 @@ def test_eio_fails_the_request_and_marks_the_volume(faulty, tmp_path):
     check_share(str(real))
 
 
+def test_a_snapshot_whose_old_image_cannot_be_synced_fails_guest_flushes_until_it_can(
+        faulty, tmp_path):
+    """The file a snapshot freezes is synced after the switch, with guest writes already
+    going above it.  If that sync fails, the snapshot stands, but a guest flush must not
+    report writes durable that are not: it fails while the frozen file cannot be synced,
+    succeeds once it can, and then every acknowledged block is on the share."""
+    fs, m, real = faulty
+    v = m.path("volume-v")
+    acked = write_blocks(v, 0, 4)
+    fd = os.open(v, os.O_RDWR)
+    try:
+        os.pwrite(fd, block_data(10), 10 * 16 * BLOCK)  # acknowledged, not yet synced
+        fs.set([{"op": "fsync", "path": "volume-v.s1", "error": "EIO"}])
+        with Client(m.mnt) as c:
+            c.request("create-snapshot", volume="v", snapshot="s2")
+        os.pwrite(fd, block_data(11), 11 * 16 * BLOCK)  # lands above the snapshot
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+        fs.set([])
+        os.fsync(fd)
+        acked.update({10: block_data(10), 11: block_data(11)})
+    finally:
+        os.close(fd)
+    assert "flushing volume-v.s1 after the snapshot failed" in m.log_text()
+    m.unmount()
+    fs.stop()
+    assert_on_share(real, tmp_path, "v", acked)
+    check_share(str(real))
+
+
 def test_a_blocked_volume_does_not_hold_up_the_others(faulty):
     fs, m, real = faulty
     write_blocks(m.path("volume-v"), 0, 4)
