@@ -344,7 +344,16 @@ class BlockFile:
         """Read up to ``length`` bytes; shorter only at end of file."""
         if length <= 0:
             return b""
-        data = await self._run("read", os.pread, length, offset)
+        data = None
+        if self.inline:
+            # The common case without the layers below (a third of a 4 KiB read's time in
+            # the engine); any error takes the full path, which retries the read.
+            try:
+                data = os.pread(self.fd, length, offset)
+            except (OSError, OverflowError):
+                pass
+        if data is None:
+            data = await self._run("read", os.pread, length, offset)
         if len(data) < length:
             # A short read not at EOF (signals, some network file systems): finish it.
             parts = [data]

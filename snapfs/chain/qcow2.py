@@ -42,6 +42,7 @@ L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 FROZEN_L2_TABLES = 8  # a frozen image is read through the volume's FlatMap, rarely itself
 ALL_SUBCLUSTERS = 0xFFFFFFFF
+_L2_ENTRY = struct.Struct(">Q")
 
 
 class Qcow2Image:
@@ -436,6 +437,10 @@ class Qcow2Image:
                 self._readers_idle.set()
 
     async def _read(self, offset: int, length: int) -> bytes:
+        if not self.ext and (offset & (self.cs - 1)) + length <= self.cs:
+            data = await self._read_in_cluster(offset, length)
+            if data is not None:
+                return data
         parts = []
         for kind, off, n, host in await self.map(offset, length):
             if kind == ex.DATA:
@@ -454,6 +459,28 @@ class Qcow2Image:
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
+
+    async def _read_in_cluster(self, offset: int, length: int) -> bytes | None:
+        """A read inside one cluster whose L2 table is cached (a guest's 4 KiB reads, nearly
+        always): the entry looked up directly, without building a map of runs, which was a
+        fifth of the daemon's time per read at queue depth 16.  None: take the general path
+        (compressed or zero clusters, a table to load)."""
+        ci = offset >> self.cbits
+        l2off = self.l1[ci >> self.l2_bits] & OFFSET_MASK
+        if not l2off:
+            return await self.read_below(offset, length)
+        table = self.l2_cache.get(l2off)
+        if table is None:
+            return None
+        self.l2_cache.move_to_end(l2off)
+        entry = _L2_ENTRY.unpack_from(table, (ci & self.l2_mask) << 3)[0]
+        if entry & (OFLAG_COMPRESSED | OFLAG_ZERO):
+            return None
+        host = self._host(entry)
+        if not host:
+            return await self.read_below(offset, length)
+        data = await self.f.pread(host + (offset & (self.cs - 1)), length)
+        return data if len(data) == length else data + zeros(length - len(data))
 
     async def read_below(self, offset: int, length: int) -> bytes:
         """What shows through where this image has nothing: the backing file, or zeros."""
