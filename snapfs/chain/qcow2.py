@@ -561,6 +561,9 @@ class Qcow2Image:
         return result
 
     async def _write(self, offset: int, data: memoryview) -> None:
+        if len(data) and not self.ext and (await self._overwrite_owned(offset, data)
+                                           or await self._write_fresh(offset, data)):
+            return
         writes: list[tuple[int, bytes | memoryview]] = []
         updates: list[tuple[int, bytearray, int, int, int]] = []
         frees: list[tuple[int, int]] = []
@@ -583,6 +586,54 @@ class Qcow2Image:
         for l2off, table, idx, e, b in updates:
             self._set_entry(l2off, table, idx, e, b)
         self.pending_frees.extend(frees)
+
+    async def _overwrite_owned(self, offset: int, data: memoryview) -> bool:
+        """A write into clusters this image owns, in a row on the host and under one cached
+        L2 table (a guest overwriting its data, nearly always): one write, without planning
+        it cluster by cluster.  False: nothing done, take the general path."""
+        cbits = self.cbits
+        first, last = offset >> cbits, (offset + len(data) - 1) >> cbits
+        l1i = first >> self.l2_bits
+        if last >> self.l2_bits != l1i:
+            return False
+        l1e = self.l1[l1i]
+        table = self.l2_cache.get(l1e & OFFSET_MASK) if l1e & OFLAG_COPIED else None
+        if table is None:
+            return False
+        entries = struct.unpack_from(f">{last - first + 1}Q", table, (first & self.l2_mask) << 3)
+        start = entries[0] & OFFSET_MASK
+        if not start:
+            return False
+        for k, e in enumerate(entries):
+            if (e & ~OFFSET_MASK) != OFLAG_COPIED or (e & OFFSET_MASK) != start + (k << cbits):
+                return False
+        self._host(entries[0])  # alignment, not over the header
+        await self._pwrite_all([(start + (offset & (self.cs - 1)), data)])
+        return True
+
+    async def _write_fresh(self, offset: int, data: memoryview) -> bool:
+        """A write of whole clusters this image holds nothing of (or only zero flags), under
+        one L2 table: nothing to copy, so the clusters are allocated together, in a row, and
+        written in one go.  False: nothing done, take the general path."""
+        cbits = self.cbits
+        if (offset | len(data)) & (self.cs - 1):
+            return False
+        first, n = offset >> cbits, len(data) >> cbits
+        l1i = first >> self.l2_bits
+        if n < 2 or (first + n - 1) >> self.l2_bits != l1i:
+            return False
+        l2off = self.l1[l1i] & OFFSET_MASK
+        if l2off:
+            table = self.l2_cache.get(l2off)
+            if table is None or any(e & ~OFLAG_ZERO for e in struct.unpack_from(
+                    f">{n}Q", table, (first & self.l2_mask) << 3)):
+                return False
+        l2off, table, idx = await self._l2_for_write(first)
+        host = await self.refs.alloc(n)
+        await self._pwrite_all([(host, data)])
+        for k in range(n):
+            self._set_entry(l2off, table, idx + k, (host + (k << cbits)) | OFLAG_COPIED, 0)
+        return True
 
     async def _plan_cluster(self, entry: int, bitmap: int, cstart: int, pos: int, wend: int,
                             chunk, frees: list) -> tuple[int, int, int, int, bytes]:
