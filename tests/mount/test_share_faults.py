@@ -73,6 +73,16 @@ def assert_on_share(real, tmp_path, vid: str, acked: dict[int, bytes]) -> None:
         assert raw[off:off + BLOCK] == data, f"acknowledged block {i} of {vid} lost"
 
 
+def unmount_and_check(fs, m, real, tmp_path, acked: dict[str, dict[int, bytes]]) -> None:
+    """Both mounts gone: every acknowledged block of each volume is on the share, and
+    ``qemu-img check`` finds every file clean."""
+    m.unmount()
+    fs.stop()
+    for vid, blocks in acked.items():
+        assert_on_share(real, tmp_path, vid, blocks)
+    check_share(str(real))
+
+
 def answers(fn, *args, timeout: float = 30):
     """``fn(*args)`` run aside: a request stuck behind the blocked share fails the test
     instead of hanging it."""
@@ -120,11 +130,7 @@ def test_eio_fails_the_request_and_marks_the_volume(faulty, tmp_path):
 
     fs.set([])
     acked.update(write_blocks(v, 8, 8, gen=2))  # healed: no remount needed
-    m.unmount()
-    fs.stop()
-    assert_on_share(real, tmp_path, "v", acked)
-    assert_on_share(real, tmp_path, "w", acked_w)
-    check_share(str(real))
+    unmount_and_check(fs, m, real, tmp_path, {"v": acked, "w": acked_w})
 
 
 def test_a_snapshot_whose_old_image_cannot_be_synced_fails_guest_flushes_until_it_can(
@@ -153,10 +159,7 @@ def test_a_snapshot_whose_old_image_cannot_be_synced_fails_guest_flushes_until_i
     finally:
         os.close(fd)
     assert "flushing volume-v.s1 after the snapshot failed" in m.log_text()
-    m.unmount()
-    fs.stop()
-    assert_on_share(real, tmp_path, "v", acked)
-    check_share(str(real))
+    unmount_and_check(fs, m, real, tmp_path, {"v": acked})
 
 
 def test_a_blocked_volume_does_not_hold_up_the_others(faulty):
@@ -211,10 +214,7 @@ def test_a_share_that_stops_answering_times_out_and_comes_back(faulty, tmp_path)
     finally:
         os.close(fd)
     assert "did not answer within 2 s" in m.log_text()
-    m.unmount()
-    fs.stop()
-    assert_on_share(real, tmp_path, "v", acked)
-    check_share(str(real))
+    unmount_and_check(fs, m, real, tmp_path, {"v": acked})
 
 
 def test_a_stale_handle_is_reopened(faulty, tmp_path):
@@ -235,7 +235,4 @@ def test_a_stale_handle_is_reopened(faulty, tmp_path):
         os.close(fd)
     assert fs.log_text().count('"error": "ESTALE"') == 2, "both faults must have fired"
     assert m.log_text().count("stale file handle; reopening it by name") == 2
-    m.unmount()
-    fs.stop()
-    assert_on_share(real, tmp_path, "v", acked)
-    check_share(str(real))
+    unmount_and_check(fs, m, real, tmp_path, {"v": acked})
