@@ -7,6 +7,7 @@ sends one request at a time has its requests caught by the loop's spin (counted 
 ``.snapfs/status``), and ``busy_poll=0`` turns the spin off.  That either is faster is the
 bench's business, not a test's."""
 
+import contextlib
 import json
 import mmap
 import os
@@ -142,13 +143,22 @@ def _loop_status(m) -> dict:
         return json.load(f)["request_loop"]
 
 
+@contextlib.contextmanager
+def _mounted_with(tmp_path, options: str):
+    """A mount with ``options`` over a fresh share, always unmounted."""
+    share = tmp_path / "share"
+    share.mkdir()
+    m = start(share, tmp_path / "mnt", options)
+    try:
+        yield m
+    finally:
+        m.unmount()
+
+
 def test_requests_one_at_a_time_are_caught_by_spinning(tmp_path):
     # The longest spin the option allows: the test process's next read then comes within
     # it even on a loaded machine, so the outcome does not hang on how fast this one is.
-    share = tmp_path / "share"
-    share.mkdir()
-    m = start(share, tmp_path / "mnt", "busy_poll=1000")
-    try:
+    with _mounted_with(tmp_path, "busy_poll=1000") as m:
         data = _volume(m)
         before = _loop_status(m)
         assert before["busy_poll_us"] == 1000
@@ -156,8 +166,6 @@ def test_requests_one_at_a_time_are_caught_by_spinning(tmp_path):
         after = _loop_status(m)
         assert after["caught_by_spinning"] > before["caught_by_spinning"], after
         assert "spinning up to 1000 us for the next one" in m.log_text()
-    finally:
-        m.unmount()
 
 
 def test_the_default_spin_is_on(mounted):
@@ -166,18 +174,13 @@ def test_the_default_spin_is_on(mounted):
 
 
 def test_busy_poll_0_never_spins(tmp_path):
-    share = tmp_path / "share"
-    share.mkdir()
-    m = start(share, tmp_path / "mnt", "busy_poll=0")
-    try:
+    with _mounted_with(tmp_path, "busy_poll=0") as m:
         data = _volume(m)
         _one_at_a_time(m.path("volume-v"), data, 2000)
         loop = _loop_status(m)
         assert loop == {"busy_poll_us": 0, "spin_us": 0, "caught_by_spinning": 0,
                         "missed_by_spinning": 0}, loop
         assert "no busy polling" in m.log_text()
-    finally:
-        m.unmount()
 
 
 class _Device:
