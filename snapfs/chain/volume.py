@@ -58,7 +58,7 @@ class Volume:
         self.gen = 0  # the volume's change counter (leases) when its chain was read
         self.fresh_at = 0.0  # when a follower last read the active image's tables
         self.reload = None  # async callable: a follower reads its chain again (the service)
-        self.settling = None  # an Event while an active merge's switch is made durable
+        self.settling = None  # an Event while a snapshot's or merge's switch is made durable
         self.switch_failed: str | None = None  # ... and why that failed: flushes fail
         self.unflushed: Image | None = None  # frozen by a snapshot, not yet durable
 
