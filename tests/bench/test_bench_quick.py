@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 from bench import TOOLS
-from bench.targets import KINDS
+from bench.targets import KINDS, sweep_mounts
 from bench.workloads import WORKLOADS
 from tests.mount.conftest import REPO, require_fuse
+
+TIMEOUT = 180  # seconds; the quick bench takes about one minute here
 
 
 def require_tools() -> None:
@@ -27,12 +29,25 @@ def test_quick_bench(tmp_path):
     require_fuse()
     require_tools()
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out),
-                        "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                       timeout=180)
-    with open("/proc/mounts") as f:
-        assert str(tmp_path) not in f.read(), "the bench left a mount behind"
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--json", str(out),
+                             "--workdir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench unmounts what it mounted on SIGTERM
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"the quick bench ran over {TIMEOUT} s: {stderr[-3000:]}")
+    finally:
+        with open("/proc/mounts") as f:
+            left = str(tmp_path) in f.read()
+        sweep_mounts(str(tmp_path))  # a stale mount would break the next run
+    assert not left, "the bench left a mount behind"
+    assert proc.returncode == 0, stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["io"]) == {"1", "4"}
     for depth, by_workload in res["io"].items():
@@ -48,7 +63,7 @@ def test_quick_bench(tmp_path):
         assert res[key]["snapfs"] > 0 and res[key]["qemu-img"] > 0
     assert res["rss_mib"] > 10
     assert res["slow_iops"]["qd1"] > 0 and res["slow_iops"]["qd16"] > 0
-    table = r.stdout
+    table = stdout
     assert table.startswith("| figure | snapfs | qsd | direct | snapfs/qsd | snapfs/direct |")
     for figure in ("rand-read-4K-qd16 depth 4 (IOPS)", "snapshot create", "writer stall",
                    "qemu-img commit", "qemu-img convert", "daemon RSS", "slow share"):
