@@ -83,3 +83,48 @@ def test_flatmap_reads_what_qemu_reads(tmp_path: Path) -> None:
             await top.close()
 
     trio.run(main)
+
+
+def test_flatmap_reads_a_piece_in_one_go(tmp_path: Path) -> None:
+    """Granules that follow each other in one file are read as one run: a 1 MiB read of a
+    piece one snapshot wrote whole is one read of that file, zeros cost no read at all."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"")
+    with open(base, "r+b") as f:
+        f.truncate(8 * MIB)
+    qemu.create(str(tmp_path / "o1.qcow2"), 8 * MIB, backing="base.raw", backing_fmt="raw")
+    qemu.io(str(tmp_path / "o1.qcow2"), f"write -P 1 {MIB} {MIB}", f"write -P 3 {5 * MIB} 65536")
+    qemu.create(str(tmp_path / "o2.qcow2"), 8 * MIB, backing="o1.qcow2", backing_fmt="qcow2")
+    qemu.io(str(tmp_path / "o2.qcow2"), f"write -P 2 {3 * MIB} {MIB}",
+            f"write -P 4 {5 * MIB + 65536} 65536")
+    top_path = tmp_path / "top.qcow2"
+    qemu.create(str(top_path), 8 * MIB, backing="o2.qcow2", backing_fmt="qcow2")
+    want = qemu.to_raw(str(top_path), str(tmp_path / "want.raw"))
+
+    async def main():
+        top = await open_chain(str(top_path), "qcow2", writable=True)
+        calls: list[tuple[str, int]] = []
+        try:
+            top.below_map = FlatMap(top.backing, 65536)
+            img = top.backing
+            while img is not None:
+                def spy(host, length, _img=img, _orig=img.read_host):
+                    calls.append((_img.path.rsplit("/", 1)[-1], length))
+                    return _orig(host, length)
+                img.read_host = spy
+                img = img.backing
+            await top.read(0, 65536)  # fill the map
+            calls.clear()
+            assert await top.read(MIB, MIB) == want[MIB:2 * MIB]
+            assert calls == [("o1.qcow2", MIB)]
+            calls.clear()
+            assert await top.read(0, 8 * MIB) == want
+            assert calls == [("o1.qcow2", MIB), ("o2.qcow2", MIB), ("o1.qcow2", 65536),
+                             ("o2.qcow2", 65536)]
+            calls.clear()
+            assert await top.read(MIB + 4096, 8192) == want[MIB + 4096:MIB + 12288]
+            assert calls == [("o1.qcow2", 8192)]
+        finally:
+            await top.close()
+
+    trio.run(main)
