@@ -25,12 +25,13 @@ import time
 import uuid
 
 from snapfs.chain import catalog as cat
+from snapfs.chain import extent as ex
 from snapfs.chain.catalog import Share, base_name, check_id, overlay_name
 from snapfs.chain.copy import clone_image
 from snapfs.chain.image import create_qcow2, create_raw, open_image
 from snapfs.chain.leases import Leases, default_host_id, host_running
 from snapfs.chain.mailbox import Inbox
-from snapfs.chain.volume import Volume
+from snapfs.chain.volume import Volume, copy_content
 from snapfs.errors import (Busy, Corrupt, Exists, Invalid, Moved, NotFound, NotOwner,
                            ShareIOError, SnapfsError, from_reply)
 from snapfs.io import (CancelScope, Semaphore, WouldBlock, checkpoint, current_task,
@@ -48,6 +49,8 @@ FENCED = "volume lost its lease"  # the start of the reason a fenced volume show
 LEASE_IDLE = 60.0  # seconds a lease is kept for a volume nobody here uses
 FOLLOW_TRIES = 5  # a follower's tries at a consistent view of a chain its owner changes
 HANDOVER_RECHECK = 0.25  # seconds between looks whether a handover request was answered
+REVERT_SUFFIX = ".reverting"  # the new active overlay's name while a revert fills it
+REVERT_MAP_SPAN = 1 << 30  # guest bytes of a frozen image mapped between two checkpoints
 MOVES = 5  # times a request follows a volume whose ownership keeps moving
 
 ARGS = {
@@ -950,41 +953,47 @@ class VolumeService:
             await self._blocking("recording", self.share.write_intent, vid,
                                  {"op": "revert", "snapshot": sid})
             await self._revert(vol, info[sid])
-            await self._blocking("recording", self.share.clear_intent, vid)
             await self._changed(vid)
             log.info("reverted volume %s to snapshot %s", vid, sid)
             return {"volume": vid, "snapshot": sid}
 
     async def _revert(self, vol: Volume, name: str) -> None:
+        """Give the volume snapshot ``name``'s content (the revert intent is on record).
+
+        A new active overlay on the same backing file replaces the active one: what the
+        active file holds is dropped without being read, and only what the frozen overlays
+        above the snapshot changed is copied back from the snapshot, all before guest I/O
+        pauses for the rename (reverting to the latest snapshot copies nothing).  The intent
+        goes with the rename, so a crash never undoes guest writes made after it; a revert
+        that fails before it changes nothing."""
+        vid = vol.vid
         target = vol.below(name)
-        names = vol.names()
-        changed = vol.images[names.index(name):]
-        async with vol.gate.exclusive():
-            top = vol.top
+        frozen = vol.images[vol.names().index(name):-1]
+        tmp_name = os.path.basename(vol.top.path) + REVERT_SUFFIX
+
+        async def fill(new) -> None:
             ranges: list[tuple[int, int]] = []
-            for img in changed:
-                for kind, off, n, _ in await img.map(0, img.size):
-                    if kind != 2:
-                        ranges.append((off, n))
-            for off, n in _union(ranges):
-                end = min(off + n, top.size)
-                pos = off
-                while pos < end:
-                    ln = min(4 << 20, end - pos)
-                    if pos >= target.size:
-                        await top.write_zeroes(pos, ln)
-                    else:
-                        k = min(ln, target.size - pos)
-                        data = await target.read(pos, k)
-                        if not any(data):
-                            await top.write_zeroes(pos, k)
-                        else:
-                            await top.write(pos, data)
-                        if k < ln:
-                            await top.write_zeroes(pos + k, ln - k)
-                    pos += ln
+            for img in frozen:
+                for pos in range(0, img.size, REVERT_MAP_SPAN):
+                    for kind, off, n, _ in await img.map(pos, min(REVERT_MAP_SPAN,
+                                                                  img.size - pos)):
+                        if kind != ex.UNALLOC:
+                            ranges.append((off, n))
                     await checkpoint()
-            await top.flush()
+            await copy_content(target, new, _union(ranges))
+
+        async def switched() -> None:
+            await self._blocking("recording", self.share.clear_intent, vid)
+
+        active = vol.top
+        try:
+            await self._blocking("cleaning", self.share.remove, tmp_name)  # a crash's leftover
+            await vol.replace_top(tmp_name, fill, switched)
+        except SnapfsError:
+            if vol.images and vol.top is active:  # nothing changed: nothing to finish later
+                with contextlib.suppress(SnapfsError):
+                    await self._blocking("cleaning", self.share.clear_intent, vid)
+            raise
 
     async def manage(self, volume, source, format) -> dict:
         vid, fmt = check_id(volume, "volume"), check_format(format)

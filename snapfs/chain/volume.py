@@ -333,6 +333,50 @@ class Volume:
                       os.path.basename(top.path), exc.message)
             self.unflushed = top
 
+    async def replace_top(self, tmp_name: str, fill, on_switch) -> None:
+        """Put a new overlay, on the same backing file, in the active image's place; what the
+        active image holds is dropped (a revert).
+
+        The overlay is created as ``tmp_name`` and filled by ``fill(new)`` while guest I/O
+        goes on (it reads only frozen images), made durable, then renamed over the active
+        file under the gate, where ``on_switch`` runs too: guest I/O pauses for the rename,
+        not for copying what the active image held."""
+        from snapfs.chain.image import create_qcow2
+        await self.settle_unflushed()
+        top = self.top
+        below = top.backing
+        if below is None:
+            raise Invalid(f"volume {self.vid} has no snapshot below its active file")
+        path = self.share.path(tmp_name)
+        await create_qcow2(path, top.size, backing_file=os.path.basename(below.path),
+                           backing_format=below.format, mode=self.share.file_mode,
+                           cluster_size=_cluster_size(top))
+        new = None
+        try:
+            new = await open_image(path, "qcow2", writable=True)
+            new.backing = below
+            await fill(new)
+            await new.flush()
+            with CancelScope(shield=True):  # a rename done must be recorded and used
+                async with self.gate.exclusive():
+                    await run_blocking(new.f.inline, "renaming", self.share.replace, tmp_name,
+                                       os.path.basename(top.path))
+                    new.path = new.f.path = top.path
+                    self.images[-1] = new
+                    self._remap()
+                    await on_switch()
+        except BaseException:
+            if new is None or new not in self.images:
+                if new is not None:
+                    new.backing = None
+                    await new.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            await _drop(top)
+            raise
+        await _drop(top)
+
     async def _settle_frozen(self, img: Image) -> None:
         """Make an image that guest writes no longer reach durable and freeze it; guest
         flushes wait for this."""
@@ -541,8 +585,37 @@ def freeze(img: Image) -> None:
     unlock(img.f.fd)
 
 
+async def _drop(img: Image) -> None:
+    """Close an active image whose file was renamed over: only its descriptor goes, without
+    flushing what nothing will read again."""
+    img.backing = None
+    img.writable = False
+    await img.f.close(unlinked=True)
+
+
 def _cluster_size(img: Image) -> int:
     return img.cs if isinstance(img, Qcow2Image) else 65536
+
+
+async def copy_content(src: Image, dst: Image, ranges) -> None:
+    """Make ``dst`` read as ``src`` over ``ranges`` (clipped to ``dst``): ``src``'s content,
+    with zeros where it reads as zeros or ends (kept as zero clusters, not written out)."""
+    writeback = Writeback(dst)
+    for start, length in ranges:
+        pos, end = start, min(start + length, dst.size)
+        while pos < end:
+            n = min(COPY_CHUNK, end - pos)
+            k = max(0, min(n, src.size - pos))
+            data = await src.read(pos, k) if k else b""
+            if data.count(0) == k:  # C speed; a Python scan of 4 MiB takes 40 ms
+                await dst.write_zeroes(pos, n)
+            else:
+                await dst.write(pos, data)
+                if k < n:
+                    await dst.write_zeroes(pos + k, n - k)
+                await writeback.wrote(k)
+            pos += n
+            await checkpoint()
 
 
 async def copy_own_runs(src: Image, dst: Image, ranges, on_progress) -> None:
