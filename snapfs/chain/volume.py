@@ -416,6 +416,7 @@ class Volume:
             # Durable before the switch, so that the guest waits only for the last few writes
             # (those made during this flush are copied first: they are many on a busy guest).
             await lower.flush()
+            await self._presync_child(i)
             await self._catch_up(upper, lower)
             # From the switch on the merge completes (see stream_up): a pause between the
             # switch and recording it would let the next owner merge down again over writes
@@ -453,6 +454,13 @@ class Volume:
             await self._settle_switch(lower, on_switch, name)
         upper.backing = None
         await upper.close()
+
+    async def _presync_child(self, i: int) -> None:
+        """Sync the data of the image above image ``i`` before a switch rewrites its header:
+        that header's sync inside the pause would otherwise write out everything the guest
+        wrote to it since its last flush (170 ms for a writer's 0.7 s of 4 KiB writes)."""
+        if i + 1 < len(self.images) and self.images[i + 1].writable:
+            await self.images[i + 1].f.fdatasync()
 
     async def _catch_up(self, upper: Image, lower: Image) -> None:
         """During an active merge: copy what the guest wrote meanwhile, until little is left
@@ -514,6 +522,9 @@ class Volume:
             upper.backing = lower
         try:
             await stream_runs(lower, upper, self.gate if active else None, on_progress)
+            # Durable before the pause: the syncs inside it then find next to nothing left.
+            await (upper.flush() if active else upper.finish_writing())
+            await self._presync_child(i)
             # From here on the merge completes: pausing it (a handover cancels it) between the
             # rename and the re-pointing would leave a chain that names a file gone.
             with CancelScope(shield=True):
@@ -539,7 +550,6 @@ class Volume:
             upper.path = upper.f.path = lower.path
             upper.backing = below
             lower.backing = None
-            await lower.close()  # frozen: only its descriptor goes
             if not active:
                 upper_ro.backing = None
                 await upper_ro.close()
@@ -550,6 +560,9 @@ class Volume:
             self._remap()
             if i < len(self.images):
                 await set_backing(self.images[i], upper)
+        # Frozen and renamed over: only its descriptor goes, and its last close frees the
+        # file's pages, which takes long for a large file: after the pause, in a worker.
+        await lower.f.close(unlinked=True)
 
 
 class FaultLog:
