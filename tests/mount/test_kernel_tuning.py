@@ -24,3 +24,34 @@ def test_mount_gets_readahead_and_requests_in_flight(mounted):
         assert int(f.read()) == MAX_BACKGROUND
     with open(os.path.join(conn, "congestion_threshold")) as f:
         assert int(f.read()) == MAX_BACKGROUND * 3 // 4
+
+
+def _heap_flags(pid: int) -> str:
+    with open(f"/proc/{pid}/smaps") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("[heap]"))
+    return next(line for line in lines[start:] if line.startswith("VmFlags:"))
+
+
+def _environ(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().decode(errors="replace").split("\0")
+
+
+def test_daemon_heap_uses_huge_pages(mounted):
+    env = _environ(mounted.proc.pid)
+    assert any(e.startswith("GLIBC_TUNABLES=") and "glibc.malloc.hugetlb=1" in e for e in env)
+    assert " hg" in _heap_flags(mounted.proc.pid)  # madvise(MADV_HUGEPAGE) by glibc
+
+
+def test_users_own_huge_page_setting_is_kept(tmp_path, monkeypatch):
+    from tests.mount.conftest import start
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    share = tmp_path / "share"
+    share.mkdir()
+    m = start(share, tmp_path / "mnt")
+    try:
+        assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=0" in _environ(m.proc.pid)
+        assert " hg" not in _heap_flags(m.proc.pid)
+    finally:
+        m.unmount()
