@@ -301,13 +301,9 @@ class Volume:
         every guest write back for its syncs (tens of milliseconds).  Guest flushes wait
         until the old image is durable (``settling``), since it holds writes they cover;
         if it cannot be made durable, they keep trying it and fail while it fails."""
-        from snapfs.chain.image import create_qcow2
         await self.settle_unflushed()
         top = self.top
-        path = self.share.path(name)
-        await create_qcow2(path, top.size, backing_file=os.path.basename(top.path),
-                           backing_format=top.format, mode=self.share.file_mode,
-                           cluster_size=_cluster_size(top))
+        path = await self._new_overlay(name, top)
         new = None
         try:
             new = await open_image(path, "qcow2", writable=True)
@@ -318,10 +314,7 @@ class Volume:
                 self.settling = Event()
         except BaseException:
             if new is None or new not in self.images:
-                if new is not None:
-                    new.backing = None
-                    await new.close()
-                os.unlink(path)
+                await _discard(new, path)
             raise
         # No guest write reaches the old image any more: make it durable with I/O going on.
         try:
@@ -341,16 +334,12 @@ class Volume:
         goes on (it reads only frozen images), made durable, then renamed over the active
         file under the gate, where ``on_switch`` runs too: guest I/O pauses for the rename,
         not for copying what the active image held."""
-        from snapfs.chain.image import create_qcow2
         await self.settle_unflushed()
         top = self.top
         below = top.backing
         if below is None:
             raise Invalid(f"volume {self.vid} has no snapshot below its active file")
-        path = self.share.path(tmp_name)
-        await create_qcow2(path, top.size, backing_file=os.path.basename(below.path),
-                           backing_format=below.format, mode=self.share.file_mode,
-                           cluster_size=_cluster_size(top))
+        path = await self._new_overlay(tmp_name, below)
         new = None
         try:
             new = await open_image(path, "qcow2", writable=True)
@@ -367,15 +356,22 @@ class Volume:
                     await on_switch()
         except BaseException:
             if new is None or new not in self.images:
-                if new is not None:
-                    new.backing = None
-                    await new.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                await _discard(new, path)
                 raise
             await _drop(top)
             raise
         await _drop(top)
+
+    async def _new_overlay(self, name: str, below: Image) -> str:
+        """Create the empty overlay file ``name`` on ``below``, as large as the volume and
+        with the active image's cluster size; its path."""
+        from snapfs.chain.image import create_qcow2
+        top = self.top
+        path = self.share.path(name)
+        await create_qcow2(path, top.size, backing_file=os.path.basename(below.path),
+                           backing_format=below.format, mode=self.share.file_mode,
+                           cluster_size=_cluster_size(top))
+        return path
 
     async def _settle_frozen(self, img: Image) -> None:
         """Make an image that guest writes no longer reach durable and freeze it; guest
@@ -596,6 +592,15 @@ def freeze(img: Image) -> None:
     img.writable = False
     img.f.relock = None
     unlock(img.f.fd)
+
+
+async def _discard(new: Image | None, path: str) -> None:
+    """Undo a new overlay that never joined the chain: close it (if opened) and remove it."""
+    if new is not None:
+        new.backing = None
+        await new.close()
+    with contextlib.suppress(OSError):  # a failing share: never hide the error that got here
+        os.unlink(path)
 
 
 async def _drop(img: Image) -> None:
