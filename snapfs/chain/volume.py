@@ -595,12 +595,16 @@ def freeze(img: Image) -> None:
 
 
 async def _discard(new: Image | None, path: str) -> None:
-    """Undo a new overlay that never joined the chain: close it (if opened) and remove it."""
-    if new is not None:
-        new.backing = None
-        await new.close()
-    with contextlib.suppress(OSError):  # a failing share: never hide the error that got here
-        os.unlink(path)
+    """Undo a new overlay that never joined the chain: close it (if opened, without flushing
+    what is removed next) and remove it."""
+    try:
+        if new is not None:
+            new.backing = None
+            new.writable = False
+            await new.close()
+    finally:
+        with contextlib.suppress(OSError):  # a failing share: never hide the error that got here
+            os.unlink(path)
 
 
 async def _drop(img: Image) -> None:

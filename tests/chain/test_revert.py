@@ -129,3 +129,40 @@ async def test_revert_failing_before_its_switch_changes_nothing(tmp_path: Path) 
         blocker.rmdir()
         await svc.handle({"op": "revert", "volume": "A", "snapshot": "s1"})
         assert await read_all(svc, "A") == bytes(SIZE)
+
+
+async def test_revert_on_a_full_share_changes_nothing(tmp_path: Path) -> None:
+    """The copy back into the new overlay needs space: on a full share the revert fails with
+    ENOSPC, the new overlay and the intent are gone, the volume reads as before."""
+    import errno
+    import subprocess
+    share = tmp_path / "share"
+    share.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(share)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs as a small share (run as root): {r.stderr}")
+    try:
+        svc = VolumeService(str(share))
+        async with svc.running():
+            await svc.handle({"op": "create-volume", "volume": "A", "size": SIZE})
+            await write(svc, "A", 0, pattern(8, 4 * MIB))
+            await svc.handle({"op": "create-snapshot", "volume": "A", "snapshot": "s1"})
+            await write(svc, "A", 0, pattern(9, 4 * MIB))  # frozen below once s2 is taken
+            await svc.handle({"op": "create-snapshot", "volume": "A", "snapshot": "s2"})
+            now = await read_all(svc, "A")
+            free = os.statvfs(share).f_bavail * os.statvfs(share).f_frsize
+            (share / "filler").write_bytes(bytes(free - MIB))  # 1 MiB left; the copy needs 4
+            with pytest.raises(SnapfsError) as err:
+                await svc.handle({"op": "revert", "volume": "A", "snapshot": "s1"})
+            assert err.value.errno == errno.ENOSPC
+            assert await read_all(svc, "A") == now
+            assert not leftovers(share)
+            assert not os.listdir(share / ".snapfs" / "intents")
+            (share / "filler").unlink()
+            await svc.handle({"op": "revert", "volume": "A", "snapshot": "s1"})
+            assert (await read_all(svc, "A"))[:4 * MIB] == pattern(8, 4 * MIB)
+        for name in ("volume-A.s1", "volume-A.s2"):
+            assert qemu.check(str(share / name))[0] == 0, name
+    finally:
+        subprocess.run(["umount", "-l", str(share)], capture_output=True)
