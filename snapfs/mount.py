@@ -269,6 +269,7 @@ async def _signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the command itself, not a call from another program
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_args(argv)
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if cfg.fake:
         return 0
-    _use_huge_pages(argv)
+    if own_process:
+        _use_huge_pages(argv)
     if cfg.foreground:
         setup_logging(cfg)
 
@@ -298,9 +300,12 @@ def _use_huge_pages(argv: list[str]) -> None:
     huge pages (same-day A/B: 1 MiB writes +4-17 %, 1 MiB reads +10 %, 4 KiB requests and the
     RSS of 100 volumes unchanged).  glibc reads its tunables only when a process starts.  A
     setting of the user's own for it is kept; other C libraries are left alone."""
-    import platform
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES + "=" in tunables or platform.libc_ver()[0] != "glibc":
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # the C library this process runs on
+    except (ValueError, OSError):
+        libc = ""
+    if HUGE_PAGES + "=" in tunables or not libc.startswith("glibc"):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables,
                                                                  HUGE_PAGES + "=1"))))
