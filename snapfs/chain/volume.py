@@ -24,6 +24,7 @@ from snapfs.chain.chain import open_chain
 from snapfs.chain.copy import Writeback
 from snapfs.chain.image import Image, open_image
 from snapfs.chain.locks import unlock
+from snapfs.chain.mirror import Mirror
 from snapfs.chain.qcow2 import Qcow2Image
 from snapfs.chain.raw import RawImage
 from snapfs.chain.resolve import FlatMap
@@ -37,6 +38,7 @@ COPY_CHUNK = 4 << 20
 FOLLOW_REFRESH = 1.0  # seconds a follower trusts the active image's tables it has read
 FAULT_HOLD = 60.0  # seconds a volume shows "failed" after its last share fault
 STREAM_CHUNK = 1 << 20  # written under the gate when streaming into the active image
+CATCH_UP_LEFT = 256 << 10  # an active merge's catch-up passes stop with less than this left
 
 
 class Volume:
@@ -47,7 +49,10 @@ class Volume:
         self.lock = Lock()
         self.images: list[Image] = []  # bottom (base) .. top (active)
         self.users = 0
-        self.mirror: list[tuple[int, int]] | None = None  # writes recorded during a merge
+        self.mirror: Mirror | None = None  # guest writes during an active merge
+        # the last active merge: guest writes it applied to both images, and the bytes of
+        # guest writes it copied at the switch, with guest I/O paused
+        self.merge_stats = {"mirrored": 0, "paused_copy": 0}
         self.failed: str | None = None
         self.snap_files: dict[str, str] = {}  # snapshot id -> overlay created with it
         self.attrs: dict | None = None
@@ -217,9 +222,11 @@ class Volume:
                 top = self.top
                 if offset + len(data) > top.size:
                     raise PastEnd("write past the end of the volume")
-                await top.write(offset, data)
-                if self.mirror is not None:
-                    self.mirror.append((offset, len(data)))
+                if self.mirror is None:
+                    await top.write(offset, data)
+                else:
+                    await self.mirror.write(top, lambda img: img.write(offset, data),
+                                            offset, len(data))
         except SnapfsError as exc:
             self._io_failed("write", exc)
             raise
@@ -231,9 +238,11 @@ class Volume:
                 top = self.top
                 if offset + length > top.size:
                     raise PastEnd("write past the end of the volume")
-                await top.write_zeroes(offset, length, unmap)
-                if self.mirror is not None:
-                    self.mirror.append((offset, length))
+                if self.mirror is None:
+                    await top.write_zeroes(offset, length, unmap)
+                else:
+                    await self.mirror.write(
+                        top, lambda img: img.write_zeroes(offset, length, unmap), offset, length)
         except SnapfsError as exc:
             self._io_failed("write", exc)
             raise
@@ -406,21 +415,24 @@ class Volume:
             if lower.size < upper.size:
                 await lower.resize(upper.size)
             if active:
-                self.mirror = []
+                self.mirror = Mirror()
             await copy_own_runs(upper, lower, None, on_progress)
             await self._catch_up(upper, lower)
-            # Durable before the switch, so that the guest waits only for the last few writes
-            # (those made during this flush are copied first: they are many on a busy guest).
+            await self._copy_last(upper, lower)
+            # Durable before the switch, so that the guest waits only for what it writes
+            # from now on (to both images: ``_settle_switch`` syncs that after the switch).
             await lower.flush()
             await self._presync_child(i)
-            await self._catch_up(upper, lower)
             # From the switch on the merge completes (see stream_up): a pause between the
             # switch and recording it would let the next owner merge down again over writes
             # a flush acknowledged.
             with CancelScope(shield=True):
                 await self._commit_switch(i, name, upper, lower, lower_ro, active, on_switch)
         except BaseException:
-            self.mirror = None
+            mirror, self.mirror = self.mirror, None
+            if mirror is not None:
+                with CancelScope(shield=True):
+                    await mirror.stop()
             if lower not in self.images:
                 lower.backing = None
                 await lower.close()
@@ -431,9 +443,17 @@ class Volume:
         """The end of ``commit_down``: the image above (or the guest) moves to ``lower``."""
         async with self.gate.exclusive():
             if active:
-                pending, self.mirror = self.mirror or [], None
+                mirror, self.mirror = self.mirror, None
+                if mirror.failed is not None:
+                    self.mirror = mirror  # nothing changed yet: the caller ends the merge
+                    raise mirror.failed
+                pending = mirror.take()
                 await copy_own_runs(upper, lower, pending, None)
                 self.settling = Event()
+                self.merge_stats = {"mirrored": mirror.both,
+                                    "paused_copy": sum(n for _, n in pending)}
+                log.debug("volume %s: switching the active image; %s", self.vid,
+                          self.merge_stats)
             else:
                 await lower.finish_writing()
             if i + 1 < len(self.images):
@@ -460,15 +480,34 @@ class Volume:
 
     async def _catch_up(self, upper: Image, lower: Image) -> None:
         """During an active merge: copy what the guest wrote meanwhile, until little is left
-        (or the guest keeps writing faster than this copies)."""
+        or a pass no longer leaves less than the one before (the guest writes as fast as
+        this copies)."""
         if self.mirror is None:
             return
+        left = None
         for _ in range(8):
-            pending, self.mirror = self.mirror, []
-            if sum(n for _, n in pending) < (256 << 10):
-                self.mirror = pending + self.mirror
+            recorded = self.mirror.recorded()
+            if recorded < CATCH_UP_LEFT or left is not None and recorded >= left:
                 return
-            await copy_own_runs(upper, lower, pending, None)
+            left = recorded
+            await copy_own_runs(upper, lower, self.mirror.take(), None)
+
+    async def _copy_last(self, upper: Image, lower: Image) -> None:
+        """An active merge's last pass (``snapfs.chain.mirror``): guest writes go to both
+        images from now on, and what they wrote before is copied range by range, each under
+        the mirror's lock, until nothing recorded is left.  Writes that were already under
+        way when the mirror began to block record their ranges when they end; the switch
+        copies any that end after this."""
+        mirror = self.mirror
+        if mirror is None:
+            return
+        mirror.block(lower)
+        while mirror.written:
+            for start, length in mirror.take():
+                if mirror.failed is not None:
+                    raise mirror.failed
+                async with mirror.lock:
+                    await copy_own_runs(upper, lower, [(start, length)], None)
 
     async def _settle_switch(self, lower: Image, on_switch, name: str) -> None:
         """After an active commit's switch: make the new active image durable and record it;
