@@ -3,6 +3,9 @@ its own result back also when many finish at once, a call the share does not ans
 time fails with ShareTimeout and leaves the loop working, and a call cancelled before a
 worker took it never runs."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -102,3 +105,20 @@ def test_calls_made_after_the_main_task_ended_still_time_out(short_timeout):
         unstick.cancel()
         release.set()
     assert seen == ["cleanup: the share did not answer within 0.5 s"]
+
+
+def test_workers_get_the_gil_back_quickly():
+    """A worker whose call returned asks for the GIL within SWITCH_INTERVAL, not Python's
+    default 5 ms, so that a loop busy with requests does not hold results back that long
+    (a fresh interpreter: this one's workers may have started already)."""
+    code = ("import sys, trio; from snapfs import io\n"
+            "before = sys.getswitchinterval()\n"
+            "async def main():\n"
+            "    assert await io._call(False, 'echo', lambda: 7) == 7\n"
+            "trio.run(main)\n"
+            "print(before, sys.getswitchinterval(), io.SWITCH_INTERVAL)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__))))).stdout.split()
+    before, after, wanted = map(float, out)
+    assert before == pytest.approx(0.005) and after == pytest.approx(wanted) and wanted < before
