@@ -45,37 +45,26 @@ class Mirror:
         """From now on, write guest writes to ``lower`` too."""
         self.lower = lower
 
-    async def write(self, top: Image, apply, offset: int, length: int) -> None:
-        """Apply one guest write (``apply(image)``) to the active image ``top``, and to the
-        image below while the mirror blocks.  A range that did not reach both images (not
-        blocking yet, or a failure or cancellation on the way) is recorded for copying."""
+    async def write_both(self, top: Image, apply) -> bool:
+        """Apply one guest write (``apply(image)``) to the active image ``top`` and to the
+        image below, under the lock.  False when it reached only ``top``: the mirror stopped
+        blocking meanwhile, or the image below refused it (the merge then fails)."""
         lower = self.lower
-        if lower is None:
-            try:
-                await apply(top)
-            finally:
-                self.written.append((offset, length))
-            return
         async with self.lock:
-            both = False
+            await apply(top)
+            if lower is None or self.lower is not lower:
+                return False
             try:
-                await apply(top)
-                if self.lower is not lower:
-                    return  # the merge gave up meanwhile
-                try:
-                    await apply(lower)
-                except SnapfsError as exc:
-                    # The guest's data is in the active image: its write succeeded.  The
-                    # merge cannot finish without it below, so it fails and the chain stays.
-                    log.error("merging %s: a guest write could not be copied into %s: %s",
-                              top.path, lower.path, exc.message)
-                    self.lower, self.failed = None, exc
-                    return
-                both = True
-                self.both += 1
-            finally:
-                if not both:
-                    self.written.append((offset, length))
+                await apply(lower)
+            except SnapfsError as exc:
+                # The guest's data is in the active image: its write succeeded.  The merge
+                # cannot finish without it below, so it fails and the chain stays as it is.
+                log.error("merging %s: a guest write could not be copied into %s: %s",
+                          top.path, lower.path, exc.message)
+                self.lower, self.failed = None, exc
+                return False
+            self.both += 1
+            return True
 
     async def stop(self) -> None:
         """Stop blocking, once any write to the image below under way has ended (the merge

@@ -222,11 +222,7 @@ class Volume:
                 top = self.top
                 if offset + len(data) > top.size:
                     raise PastEnd("write past the end of the volume")
-                if self.mirror is None:
-                    await top.write(offset, data)
-                else:
-                    await self.mirror.write(top, lambda img: img.write(offset, data),
-                                            offset, len(data))
+                await self._apply(top, lambda img: img.write(offset, data), offset, len(data))
         except SnapfsError as exc:
             self._io_failed("write", exc)
             raise
@@ -238,14 +234,27 @@ class Volume:
                 top = self.top
                 if offset + length > top.size:
                     raise PastEnd("write past the end of the volume")
-                if self.mirror is None:
-                    await top.write_zeroes(offset, length, unmap)
-                else:
-                    await self.mirror.write(
-                        top, lambda img: img.write_zeroes(offset, length, unmap), offset, length)
+                await self._apply(top, lambda img: img.write_zeroes(offset, length, unmap),
+                                  offset, length)
         except SnapfsError as exc:
             self._io_failed("write", exc)
             raise
+
+    async def _apply(self, top: Image, apply, offset: int, length: int) -> None:
+        """Apply a guest write to the active image; during an active merge, record it for
+        copying down unless it went to both images.  It is recorded in the merge's mirror of
+        the moment it ends (a merge that began while it was under way may have copied past
+        it), also when it failed or was cancelled halfway."""
+        mirror = self.mirror
+        both = False
+        try:
+            if mirror is not None and mirror.lower is not None:
+                both = await mirror.write_both(top, apply)
+            else:
+                await apply(top)
+        finally:
+            if not both and self.mirror is not None:
+                self.mirror.written.append((offset, length))
 
     async def flush(self) -> None:
         if self.settling is not None:

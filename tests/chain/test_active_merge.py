@@ -16,23 +16,42 @@ import pytest
 import trio
 
 from snapfs.chain.service import VolumeService
-from tests.chain.test_merge_direction import SIZE, Model, blob, build, verify, verify_reopened
+from tests.chain.test_merge_direction import (MIB, SIZE, Model, blob, build, snapshot, spread,
+                                              verify, verify_reopened, write)
 
 BLOCK = 4096
 WRITERS = 4
 
-#: base format, MiB written before each snapshot and after the last, the snapshot deleted
-SHAPES = {"into-raw-base": ("raw", [8, 1], "s1"),
-          "into-qcow2-overlay": ("raw", [4, 8, 1], "s2")}
+
+async def into_raw_base(svc, model: Model) -> str:
+    """A raw base with 8 MiB written, snapshot s1, 1 MiB in the active overlay."""
+    await build(svc, model, "v", "raw", 31, [8, 1])
+    return "s1"
 
 
-async def writer(vol, model: Model, t: int, seed: int, counts: list[int]) -> None:
+async def into_qcow2_overlay(svc, model: Model) -> str:
+    """Snapshot s2's frozen overlay holds the whole volume, so that it stays the larger side
+    however much the writers add above it (the merge then goes down, not up)."""
+    await build(svc, model, "v", "raw", 41, [2])
+    await snapshot(svc, model, "v", "s1")
+    for off in range(0, SIZE, MIB):
+        await write(svc, model, "v", off, blob(4100 + off // MIB, MIB))
+    await snapshot(svc, model, "v", "s2")
+    await spread(svc, model, "v", 42, MIB)
+    return "s2"
+
+
+SHAPES = {"into-raw-base": into_raw_base, "into-qcow2-overlay": into_qcow2_overlay}
+
+
+async def writer(vol, model: Model, t: int, seed: int, counts: list[int], stop) -> None:
     """Writer ``t`` of ``WRITERS``: 4 KiB blocks (now and then zeroes) at its own scattered
-    slots, no flushes, a pass through the scheduler between writes as FUSE requests give."""
+    slots, no flushes, a pass through the scheduler between writes as FUSE requests give.
+    It stops between writes (a write cancelled halfway would leave the model behind)."""
     rng = random.Random(seed)
     slots = SIZE // BLOCK // WRITERS
     k = 0
-    while True:
+    while not stop.is_set():
         off = (rng.randrange(slots) * WRITERS + t) * BLOCK
         if k % 37 == 36:
             await vol.write_zeroes(off, BLOCK)
@@ -48,7 +67,6 @@ async def writer(vol, model: Model, t: int, seed: int, counts: list[int]) -> Non
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_active_merge_converges_under_flat_out_writers(tmp_path: Path, shape: str) -> None:
-    fmt, mib, sid = SHAPES[shape]
     root = tmp_path / "share"
     root.mkdir()
 
@@ -56,22 +74,23 @@ def test_active_merge_converges_under_flat_out_writers(tmp_path: Path, shape: st
         model = Model(SIZE)
         svc = VolumeService(str(root))
         async with svc.running():
-            await build(svc, model, "v", fmt, 31, mib)
+            sid = await SHAPES[shape](svc, model)
             async with svc.hold("v") as vol:
                 counts = [0] * WRITERS
+                stop = trio.Event()
                 async with trio.open_nursery() as nursery:
                     for t in range(WRITERS):
-                        nursery.start_soon(writer, vol, model, t, 700 + t, counts)
+                        nursery.start_soon(writer, vol, model, t, 700 + t, counts, stop)
                     await svc.handle({"op": "delete-snapshot", "volume": "v", "snapshot": sid})
                     del model.snapshots[sid]
                     await svc.wait_idle()
-                    nursery.cancel_scope.cancel()
+                    stop.set()
                 assert vol.mirror is None
                 stats = vol.merge_stats
             assert not svc.failed, svc.failed
             assert sum(counts) > 100, counts  # the writers did write during the merge
-            # The last pass let guest writes through to both images, and the switch found at
-            # most one write per writer that began before that (the pause copies nothing else).
+            # The switch found at most one write per writer that began before the last pass
+            # (the pause copies nothing else), and the last pass let writes through to both.
             assert stats["paused_copy"] <= WRITERS * BLOCK, stats
             assert stats["mirrored"] > 0, stats
             await verify(svc, root, "v", model, tmp_path)
