@@ -127,8 +127,14 @@ class RawImage:
 
     async def flush(self) -> None:
         if self.writable and self._dirty:
-            await self.f.fdatasync()
+            # Cleared first: a write that lands while the sync runs (in a worker thread) is
+            # not covered by it and leaves the file dirty for the next flush.
             self._dirty = False
+            try:
+                await self.f.fdatasync()
+            except BaseException:
+                self._dirty = True
+                raise
 
     async def finish_writing(self) -> None:
         await self.flush()

@@ -257,17 +257,21 @@ class Volume:
                 self.mirror.written.append((offset, length))
 
     async def flush(self) -> None:
-        if self.settling is not None:
-            await self.settling.wait()  # a snapshot's or a merge's switch is made durable
         try:
-            if self.switch_failed:
-                raise ShareIOError(self.switch_failed)
-            async with self.gate.shared():
-                if not self.writable:
-                    return  # a follower holds nothing unwritten
-                if self.unflushed is not None:
-                    await self._flush_unflushed()
-                await self.top.flush()
+            while True:
+                if self.settling is not None:
+                    await self.settling.wait()  # a snapshot's or merge's switch made durable
+                if self.switch_failed:
+                    raise ShareIOError(self.switch_failed)
+                async with self.gate.shared():
+                    if self.settling is not None:
+                        continue  # a switch came while this waited for the gate: wait for it
+                    if not self.writable:
+                        return  # a follower holds nothing unwritten
+                    if self.unflushed is not None:
+                        await self._flush_unflushed()
+                    await self.top.flush()
+                    return
         except SnapfsError as exc:
             self._io_failed("flush", exc)
             raise
@@ -513,10 +517,13 @@ class Volume:
         mirror.block(lower)
         while mirror.written:
             for start, length in mirror.take():
-                if mirror.failed is not None:
-                    raise mirror.failed
-                async with mirror.lock:
-                    await copy_own_runs(upper, lower, [(start, length)], None)
+                # in pieces: guest writes wait for the lock while a piece is copied
+                for pos in range(start, start + length, STREAM_CHUNK):
+                    if mirror.failed is not None:
+                        raise mirror.failed
+                    n = min(STREAM_CHUNK, start + length - pos)
+                    async with mirror.lock:
+                        await copy_own_runs(upper, lower, [(pos, n)], None)
 
     async def _settle_switch(self, lower: Image, on_switch, name: str) -> None:
         """After an active commit's switch: make the new active image durable and record it;
