@@ -431,10 +431,13 @@ class Volume:
                 self.mirror = Mirror()
             await copy_own_runs(upper, lower, None, on_progress)
             await self._catch_up(upper, lower)
-            await self._copy_last(upper, lower)
-            # Durable before the switch, so that the guest waits only for what it writes
-            # from now on (to both images: ``_settle_switch`` syncs that after the switch).
+            # Durable before the switch, so that guest flushes after it wait only for the
+            # last few writes (``_settle_switch``).  Synced before the last pass: while it
+            # runs, guest writes wait for the image below too, and a qcow2 image holds its
+            # lock while it syncs its tables.
             await lower.flush()
+            await self._catch_up(upper, lower)  # what the guest wrote during that flush
+            await self._copy_last(upper, lower)
             await self._presync_child(i)
             # From the switch on the merge completes (see stream_up): a pause between the
             # switch and recording it would let the next owner merge down again over writes
