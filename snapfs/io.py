@@ -40,6 +40,7 @@ WouldBlock = trio.WouldBlock
 _REMOTE_FS = {"nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs"}
 
 THREADS = 16  # share calls in flight at once
+IOV_MAX = 1024  # buffers one pwritev may take (Linux)
 
 #: Seconds a thread that wants the GIL waits before it asks the holder to hand it over
 #: (Python's default is 5 ms).  A worker whose share call returned waits for the GIL to hand
@@ -47,7 +48,6 @@ THREADS = 16  # share calls in flight at once
 #: it that long: with a share answering in a millisecond, 16 reads in flight reached 5.3-6.3k
 #: IOPS at 5 ms and 6.4-7.3k at 0.5 ms (side by side; 0.1 ms was no better).
 SWITCH_INTERVAL = 0.0005
-IOV_MAX = 1024  # buffers one pwritev may take (Linux)
 
 #: Seconds a call on a share that can block may take before the request fails with EIO (the
 #: call itself goes on in its thread and is forgotten).  ``io_timeout=`` sets it per mount.

@@ -31,12 +31,16 @@ class Mirror:
         self.lower: Image | None = None  # while set, guest writes also go here
         self.lock = Lock()
         self.failed: SnapfsError | None = None  # a write to ``lower`` failed: the merge fails
-        self.both = 0  # guest writes applied to both images (status, tests)
+        self.both = 0  # guest writes applied to both images (the log, tests)
 
     def take(self) -> list[tuple[int, int]]:
         """The ranges recorded so far, sorted and joined, and a fresh record."""
         written, self.written = self.written, []
         return join_ranges(written)
+
+    def record(self, offset: int, length: int) -> None:
+        """A guest write that reached only the active image: the merge copies it down."""
+        self.written.append((offset, length))
 
     def recorded(self) -> int:
         return sum(n for _, n in self.written)

@@ -254,7 +254,7 @@ class Volume:
                 await apply(top)
         finally:
             if not both and self.mirror is not None:
-                self.mirror.written.append((offset, length))
+                self.mirror.record(offset, length)
 
     async def flush(self) -> None:
         try:
